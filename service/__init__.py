@@ -1,0 +1,3 @@
+"""saliency-serve: explained predictions as a service."""
+
+__version__ = "0.1.0"

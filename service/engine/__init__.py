@@ -1,0 +1,1 @@
+"""Model-agnostic explanation engine: torch and numpy only (no gRPC, no TorchServe)."""
