@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -57,7 +56,9 @@ class Attribution:
     completeness_error: torch.Tensor | None = None
 
 
-class MethodFn(Protocol):
-    def __call__(
-        self, ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor, /, **params: object
-    ) -> Attribution: ...
+MethodFn = Callable[..., Attribution]
+"""``fn(ctx, inputs, targets, **params) -> Attribution``.
+
+Typed loosely on purpose: each method declares its own keyword parameters (``n_steps: int``),
+which a ``Protocol`` with ``**params: object`` would reject under mypy.
+"""
