@@ -1,0 +1,159 @@
+"""The engine: validates a request, resolves its method and targets, runs it.
+
+One ``Engine`` serves concurrent batches from several threads: it holds only read-only
+state (the frozen model, the layer, the forward), and everything a call mutates -- its
+generator, its captured activations -- is created inside that call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from service.engine.errors import DeadlineExceededError, InvalidInputError, UnsupportedMethodError
+from service.engine.layers import find_last_spatial_layer, resolve_layer
+from service.engine.registry import MethodSpec, ParamValue, get_method
+from service.engine.targets import TargetSpec, resolve_targets
+from service.engine.types import Attribution, ExplainContext, NumpyForward
+
+DEFAULT_CHUNK_SIZE = 32
+AUTO_LAYER = "auto"
+
+
+class Engine:
+    """Explanations for one model.
+
+    Args:
+        model: classifier in pixel space (``(N, C, H, W)`` in ``[0, 1]`` -> ``(N, K)``
+            logits). The engine puts it in eval mode and freezes its parameters.
+        target_layer: dotted name of the layer CAM methods use, ``"auto"`` for the last
+            layer with a spatial output, or ``None`` (CAM methods are then unsupported).
+        input_shape: ``(C, H, W)`` every input must have.
+        forward_numpy: fast forward (e.g. ONNX Runtime) for predictions and forward-only
+            methods. Without it :meth:`predict_logits` uses the torch model and methods
+            with the ``onnx`` backend are unsupported.
+        chunk_size: rows per model pass for methods that evaluate many perturbed copies.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        target_layer: str | None = None,
+        input_shape: tuple[int, int, int],
+        forward_numpy: NumpyForward | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if len(input_shape) != 3:
+            raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
+        self.model = model.eval().requires_grad_(False)
+        self.input_shape: tuple[int, int, int] = (
+            int(input_shape[0]),
+            int(input_shape[1]),
+            int(input_shape[2]),
+        )
+        self.forward_numpy = forward_numpy
+        self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+        if target_layer == AUTO_LAYER:
+            target_layer = find_last_spatial_layer(self.model, input_shape)
+        self.target_layer_name = target_layer
+        self.target_layer = resolve_layer(self.model, target_layer) if target_layer else None
+        self.num_classes = int(self.predict_logits(torch.zeros((1, *self.input_shape))).shape[1])
+
+    def predict_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` float32, from ``forward_numpy`` when given, else the torch model."""
+        inputs = self.validate_inputs(inputs)
+        if self.forward_numpy is not None:
+            array = inputs.detach().cpu().numpy()
+            return torch.from_numpy(np.asarray(self.forward_numpy(array), dtype=np.float32))
+        with torch.inference_mode():
+            return self.model(inputs).float()
+
+    def validate_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``inputs`` if float32 ``(B, C, H, W)`` finite pixels in ``[0, 1]``, else an error."""
+        expected = f"float32 (batch, {', '.join(map(str, self.input_shape))}) in [0, 1]"
+        if not isinstance(inputs, torch.Tensor):
+            raise InvalidInputError(f"inputs must be a tensor {expected}, got {type(inputs)}")
+        if inputs.dtype != torch.float32:
+            raise InvalidInputError(f"inputs must be {expected}, got dtype {inputs.dtype}")
+        if inputs.dim() != 4 or tuple(inputs.shape[1:]) != self.input_shape:
+            raise InvalidInputError(f"inputs must be {expected}, got shape {tuple(inputs.shape)}")
+        if inputs.shape[0] == 0:
+            raise InvalidInputError("inputs hold no image")
+        if not bool(torch.isfinite(inputs).all()):
+            raise InvalidInputError("inputs contain NaN or infinite values")
+        if inputs.min() < 0 or inputs.max() > 1:
+            raise InvalidInputError(f"inputs must be {expected}, got values out of [0, 1]")
+        return inputs
+
+    def check_method(self, method: str) -> MethodSpec:
+        """The method's spec if this engine can run it, else ``Unknown/UnsupportedMethodError``."""
+        spec = get_method(method)
+        if spec.needs_layer and self.target_layer is None:
+            raise UnsupportedMethodError(f"{method!r} needs a target layer; this model has none")
+        if spec.backend == "onnx" and self.forward_numpy is None:
+            raise UnsupportedMethodError(f"{method!r} needs a forward-only (ONNX) model")
+        return spec
+
+    def explain(
+        self,
+        inputs: torch.Tensor,
+        targets: TargetSpec,
+        method: str,
+        params: Mapping[str, ParamValue] | None = None,
+        *,
+        seed: int = 0,
+        deadline: float | None = None,
+    ) -> Attribution:
+        """Saliency maps for a batch.
+
+        Args:
+            inputs: float32 ``(B, C, H, W)`` pixels in ``[0, 1]``.
+            targets: class per item (``None`` entries, or ``None`` for all: the predicted
+                class).
+            method: a registered method name.
+            params: method parameters; missing ones take the registry defaults.
+            seed: seeds the call's own generator; same seed, same result.
+            deadline: ``time.monotonic()`` after which the work stops with
+                ``DeadlineExceededError``.
+
+        Returns:
+            The method's :class:`Attribution`, maps float32 ``(B, H, W)``.
+        """
+        spec = self.check_method(method)
+        resolved = spec.resolve_params(params)
+        inputs = self.validate_inputs(inputs)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DeadlineExceededError("deadline passed before the explanation started")
+        if targets is None or not _all_given(targets):
+            logits = self.predict_logits(inputs)
+        else:  # every target given: only the class count is needed for the range check
+            logits = torch.zeros((inputs.shape[0], self.num_classes))
+        target_index = resolve_targets(logits, targets).to(inputs.device)
+        ctx = ExplainContext(
+            model=self.model,
+            forward_numpy=self.forward_numpy,
+            target_layer=self.target_layer,
+            generator=torch.Generator().manual_seed(seed),
+            deadline=deadline,
+            chunk_size=self.chunk_size,
+        )
+        result = spec.fn(ctx, inputs, target_index, **resolved)
+        batch, _, height, width = inputs.shape
+        if tuple(result.maps.shape) != (batch, height, width):
+            raise RuntimeError(
+                f"{method} returned maps of shape {tuple(result.maps.shape)}, "
+                f"expected {(batch, height, width)}"
+            )
+        result.maps = result.maps.to(torch.float32)
+        return result
+
+
+def _all_given(targets: TargetSpec) -> bool:
+    if isinstance(targets, torch.Tensor):
+        return True
+    return targets is not None and all(t is not None for t in targets)

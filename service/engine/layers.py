@@ -1,0 +1,147 @@
+"""Named layers of a model: lookup, automatic choice for CAM, per-call activation capture.
+
+Every hook registered here lives inside a ``with`` block and is removed in ``finally``, so a
+model that raises mid-forward leaves no hook behind.
+
+Concurrency: one module may be hooked by several threads at once (one engine serves
+concurrent batches). A hook therefore only records forwards run *by the thread that
+registered it* and ignores the others; each call keeps its activations in a call-local
+object. Registration and removal are single dict operations under the GIL, and
+``nn.Module.__call__`` snapshots its hook dict before iterating it, so no lock is needed and
+CAM calls on the same layer run in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from service.engine.errors import InvalidInputError, UnsupportedMethodError
+
+
+def resolve_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name`` (dotted path as in ``model.named_modules()``).
+
+    Args:
+        model: the model to search.
+        name: e.g. ``"features.3"`` or ``"layer4.1.conv2"``.
+
+    Returns:
+        The submodule.
+
+    Raises:
+        InvalidInputError: no submodule has that name; the message lists candidates.
+    """
+    modules = dict(model.named_modules())
+    if name and name in modules:
+        return modules[name]
+    spatial = [n for n, m in modules.items() if n and isinstance(m, nn.Conv2d)]
+    hint = ", ".join(spatial[-5:]) or ", ".join(n for n in list(modules)[1:6])
+    raise InvalidInputError(f"model has no layer named {name!r} (e.g. {hint})")
+
+
+def find_last_spatial_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
+    """Name of the last module whose output is 4-D with a spatial size above 1x1.
+
+    Runs one forward pass on a zero image of ``input_shape`` (``C, H, W``) with a hook on
+    every module, so "last" follows the data flow rather than the declaration order. A
+    container that returns its child's tensor unchanged (``nn.Sequential``) does not
+    count: the answer is the module that produced the tensor (or last changed it in
+    place), e.g. ``features.5.2`` rather than ``features``. The hooks are removed before
+    returning.
+
+    Args:
+        model: the model (pixel space).
+        input_shape: ``(C, H, W)`` of one input.
+
+    Returns:
+        The dotted name of the layer, suitable for :func:`resolve_layer`.
+
+    Raises:
+        UnsupportedMethodError: no module produces a spatial feature map.
+    """
+    last: list[tuple[str, torch.Tensor, int]] = []
+    handles = []
+
+    def record(name: str) -> Callable[[nn.Module, object, object], None]:
+        def hook(_module: nn.Module, _args: object, output: object) -> None:
+            if not isinstance(output, torch.Tensor) or output.dim() != 4:
+                return
+            if output.shape[-2] * output.shape[-1] <= 1:
+                return
+            if last and last[-1][1] is output and last[-1][2] == output._version:
+                return  # passed through unchanged by a container
+            last.append((name, output, output._version))
+
+        return hook
+
+    try:
+        for name, module in model.named_modules():
+            if name:  # the root's output is the logits
+                handles.append(module.register_forward_hook(record(name)))
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None else torch.float32
+        # no_grad, not inference_mode: inference tensors have no version counter.
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not last:
+        raise UnsupportedMethodError("model has no layer with a spatial (N, C, H, W) output")
+    return last[-1][0]
+
+
+@dataclass
+class Capture:
+    """Activations one call recorded at one layer (call-local, never shared)."""
+
+    activations: list[torch.Tensor] = field(default_factory=list)
+
+    def single(self) -> torch.Tensor:
+        """The layer's output of the one forward pass; the layer must have run exactly once."""
+        if len(self.activations) != 1:
+            raise UnsupportedMethodError(
+                f"target layer ran {len(self.activations)} times in one forward pass; "
+                "CAM needs a layer that runs exactly once"
+            )
+        return self.activations[0]
+
+
+@contextmanager
+def capture_activations(layer: nn.Module) -> Iterator[Capture]:
+    """Record ``layer``'s outputs for forwards run by the calling thread, inside the block.
+
+    The hook keeps the original output (part of the autograd graph, so gradients can be
+    taken with respect to it) and hands a clone to the rest of the network, so an in-place
+    op after the layer (``ReLU(inplace=True)``) cannot overwrite the recorded activations.
+    This is what Captum does for layer gradients.
+
+    Args:
+        layer: the module to watch.
+
+    Yields:
+        A :class:`Capture` filled as forwards run.
+    """
+    capture = Capture()
+    owner = threading.get_ident()
+
+    def hook(_module: nn.Module, _args: object, output: object) -> object:
+        if threading.get_ident() != owner:
+            return None  # another thread's forward: not ours to record or change
+        if not isinstance(output, torch.Tensor):
+            raise UnsupportedMethodError("target layer must output a single tensor")
+        capture.activations.append(output)
+        return output.clone()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield capture
+    finally:
+        handle.remove()
