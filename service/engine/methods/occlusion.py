@@ -1,0 +1,108 @@
+"""Occlusion (Zeiler & Fergus 2014) on the ONNX Runtime forward.
+
+A square window of the baseline value slides over the image; a pixel's attribution is the
+drop of the target logit, averaged over every window that covers it. The result equals
+Captum's ``Occlusion(model).attribute(x, sliding_window_shapes=(C, w, w), strides=(C, s, s),
+baselines=value, target=t)``: Captum returns ``(B, C, H, W)`` with equal channels (the window
+spans all channels), and the map here is that common channel, ``(B, H, W)``. As in Captum,
+windows start at 0 and step by ``stride`` until they reach the last row/column; the last
+window of an axis may be cut off by the border.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from service.engine import perturb
+from service.engine.errors import InvalidInputError
+from service.engine.registry import ParamValue, register_method
+from service.engine.types import Attribution, ExplainContext
+
+DEFAULTS: dict[str, ParamValue] = {"window": 16, "stride": 8, "baseline": 0.0}
+
+
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Captum's window origins along one axis: ``ceil((size - window) / stride) + 1`` steps."""
+    count = math.ceil((size - window) / stride) + 1
+    return [i * stride for i in range(count)]
+
+
+@register_method(
+    "occlusion",
+    backend="onnx",
+    needs_gradients=False,
+    defaults=DEFAULTS,
+    description="Drop of the target logit when a sliding square window is set to a baseline "
+    "(Zeiler & Fergus 2014)",
+    paper="https://arxiv.org/abs/1311.2901",
+)
+def occlusion(
+    ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor, /, **params: object
+) -> Attribution:
+    """Occlusion maps over a batch, forwards batched by ``ctx.chunk_size``.
+
+    Args:
+        ctx: request context; only ``forward_numpy``, ``chunk_size`` and the deadline are used.
+        inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
+        targets: ``(B,)`` class to explain per image.
+        **params: ``window`` (side of the square window, px), ``stride`` (px, at most
+            ``window``), ``baseline`` (value written into the window).
+
+    Returns:
+        ``Attribution`` with float32 ``(B, H, W)`` maps: mean drop of the target logit over
+        the windows covering each pixel. Costs ``B * (1 + windows)`` forwards.
+
+    Raises:
+        DeadlineExceededError: the deadline passed between chunks; no map is returned.
+    """
+    forward = perturb.require_forward(ctx, "occlusion")
+    window = perturb.positive("window", perturb.int_param(params, DEFAULTS, "window"))
+    stride = perturb.positive("stride", perturb.int_param(params, DEFAULTS, "stride"))
+    baseline = perturb.float_param(params, DEFAULTS, "baseline")
+    images = perturb.images_numpy(inputs)
+    batch, _, height, width = images.shape
+    tgt = perturb.targets_numpy(targets, batch)
+    if window > min(height, width):
+        raise InvalidInputError(f"window {window} is larger than the {height}x{width} image")
+    if stride > window:
+        # Captum refuses this too: pixels between windows would have no attribution.
+        raise InvalidInputError(f"stride {stride} must not exceed window {window}")
+    if batch == 0:
+        return Attribution(maps=torch.zeros((0, height, width)))
+
+    boxes = [
+        (y, min(y + window, height), x, min(x + window, width))
+        for y in window_starts(height, window, stride)
+        for x in window_starts(width, window, stride)
+    ]
+    counts = np.zeros((height, width), dtype=np.float64)
+    for y0, y1, x0, x1 in boxes:
+        counts[y0:y1, x0:x1] += 1.0
+
+    check = ctx.check_deadline
+    base = np.empty(batch, dtype=np.float64)
+    for start, stop in perturb.chunks(batch, ctx.chunk_size, check):
+        logits = forward(images[start:stop])
+        perturb.check_targets(tgt[start:stop], logits.shape[1])
+        base[start:stop] = perturb.pick(logits, tgt[start:stop])
+
+    sums = np.zeros((batch, height, width), dtype=np.float64)
+    total = batch * len(boxes)
+    buffer = np.empty((min(ctx.chunk_size, total), *images.shape[1:]), dtype=np.float32)
+    for start, stop in perturb.chunks(total, ctx.chunk_size, check):
+        index = np.arange(start, stop)
+        item, box = np.divmod(index, len(boxes))
+        chunk = buffer[: stop - start]
+        np.take(images, item, axis=0, out=chunk)
+        for row, k in enumerate(box):
+            y0, y1, x0, x1 = boxes[k]
+            chunk[row, :, y0:y1, x0:x1] = baseline
+        drop = base[item] - perturb.pick(forward(chunk), tgt[item]).astype(np.float64)
+        for row, (b, k) in enumerate(zip(item, box, strict=True)):
+            y0, y1, x0, x1 = boxes[k]
+            sums[b, y0:y1, x0:x1] += drop[row]
+    maps = (sums / counts).astype(np.float32)
+    return Attribution(maps=torch.from_numpy(maps))

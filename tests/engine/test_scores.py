@@ -1,0 +1,156 @@
+"""Faithfulness scores on constructed cases: a perfect map must beat a random one."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.engine.errors import DeadlineExceededError, InvalidInputError
+from service.engine.scores import (
+    SCORE_NAMES,
+    FaithfulnessScores,
+    compute_scores,
+    deletion_insertion_auc,
+    mu_fidelity,
+)
+from service.engine.types import ExplainContext
+from service.runtime.onnx_forward import OnnxForward
+
+SIZE = 32
+REGION = (slice(8, 20), slice(12, 24))
+
+
+class RegionModel(torch.nn.Module):
+    """Class 0's logit is an affine function of the mean of one region; class 1's is 0.
+
+    Steep enough that the class is certain on the image (region mean about 0.85) and
+    uncertain on its blurred copy, the insertion curve's start.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        region = x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3))
+        return torch.stack([20.0 * (region - 0.7), torch.zeros_like(region)], dim=1)
+
+
+@pytest.fixture(scope="module")
+def forward(tmp_path_factory: pytest.TempPathFactory) -> OnnxForward:
+    path: Path = tmp_path_factory.mktemp("region") / "region.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            RegionModel(),
+            (torch.rand(2, 3, SIZE, SIZE),),
+            str(path),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+    return OnnxForward(path)
+
+
+def constant_forward(x: np.ndarray) -> np.ndarray:
+    """Two equal logits whatever the input: the probability is 0.5 everywhere."""
+    return np.zeros((x.shape[0], 2), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Images with a bright region, the perfect map, a random map and the targets."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.0, 0.3, (3, 3, SIZE, SIZE)).astype(np.float32)
+    images[:, :, REGION[0], REGION[1]] = rng.uniform(0.7, 1.0, (3, 3, 12, 12))
+    # The logit is linear in the region's pixels: their channel mean is the exact
+    # contribution of each pixel, zero elsewhere.
+    perfect = np.zeros((3, SIZE, SIZE), dtype=np.float32)
+    perfect[:, REGION[0], REGION[1]] = images[:, :, REGION[0], REGION[1]].mean(axis=1)
+    random = rng.uniform(0.0, 1.0, (3, SIZE, SIZE)).astype(np.float32)
+    return images, perfect, random, np.zeros(3, dtype=np.int64)
+
+
+def test_perfect_map_beats_a_random_map_on_deletion_and_insertion(
+    forward: OnnxForward, case: tuple[np.ndarray, ...]
+) -> None:
+    images, perfect, random, targets = case
+    del_perfect, ins_perfect = deletion_insertion_auc(forward, images, perfect, targets)
+    del_random, ins_random = deletion_insertion_auc(forward, images, random, targets)
+    for auc in (del_perfect, ins_perfect, del_random, ins_random):
+        assert auc.shape == (3,)
+        assert np.all((auc >= 0.0) & (auc <= 1.0))
+    assert np.all(del_perfect < del_random - 0.1)
+    assert np.all(ins_perfect > ins_random + 0.1)
+
+
+def test_perfect_map_has_higher_mu_fidelity(
+    forward: OnnxForward, case: tuple[np.ndarray, ...]
+) -> None:
+    images, perfect, random, targets = case
+    perfect_score = mu_fidelity(forward, images, perfect, targets, n_subsets=64)
+    random_score = mu_fidelity(forward, images, random, targets, n_subsets=64)
+    # The logit drop is exactly linear in the perfect map's removed saliency.
+    np.testing.assert_allclose(perfect_score, 1.0, atol=1e-4)
+    assert np.all(np.abs(random_score) < 0.6)
+    assert np.all(perfect_score > random_score + 0.3)
+
+
+def test_auc_of_a_constant_model_is_its_probability(case: tuple[np.ndarray, ...]) -> None:
+    images, perfect, _, targets = case
+    deletion, insertion = deletion_insertion_auc(
+        constant_forward, images, perfect, targets, steps=7
+    )
+    np.testing.assert_allclose(deletion, 0.5)
+    np.testing.assert_allclose(insertion, 0.5)
+
+
+def test_scores_do_not_depend_on_chunk_size(
+    forward: OnnxForward, case: tuple[np.ndarray, ...]
+) -> None:
+    images, _, random, targets = case
+    a = compute_scores(forward, images, random, targets, SCORE_NAMES, chunk_size=5, n_subsets=16)
+    b = compute_scores(forward, images, random, targets, SCORE_NAMES, chunk_size=64, n_subsets=16)
+    for name in SCORE_NAMES:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-9)
+
+
+def test_compute_scores_returns_exactly_the_requested_names(
+    forward: OnnxForward, case: tuple[np.ndarray, ...]
+) -> None:
+    images, perfect, _, targets = case
+    calls: list[int] = []
+
+    def counting(x: np.ndarray) -> np.ndarray:
+        calls.append(len(x))
+        return forward(x)
+
+    only = compute_scores(counting, images, perfect, targets, ["insertion_auc"], steps=8)
+    assert set(only) == {"insertion_auc"}
+    assert sum(calls) == 3 * (8 + 1)  # the deletion curve was not computed
+    assert compute_scores(forward, images, perfect, targets, []) == {}
+    with pytest.raises(InvalidInputError, match="unknown score"):
+        compute_scores(forward, images, perfect, targets, ["pointing_game"])
+
+
+def test_faithfulness_scores_use_wire_names() -> None:
+    scores = FaithfulnessScores(deletion_auc=np.zeros(1), mu_fidelity=np.ones(1))
+    assert list(scores.as_dict()) == ["deletion_auc", "mu_fidelity"]
+    assert set(SCORE_NAMES) == {"deletion_auc", "insertion_auc", "mu_fidelity"}
+
+
+def test_a_passed_deadline_stops_the_scores(
+    forward: OnnxForward, case: tuple[np.ndarray, ...]
+) -> None:
+    images, perfect, _, targets = case
+    ctx = ExplainContext(model=None, deadline=time.monotonic() - 1.0)
+    with pytest.raises(DeadlineExceededError):
+        compute_scores(forward, images, perfect, targets, SCORE_NAMES, check=ctx.check_deadline)
+
+
+def test_maps_must_match_the_images(forward: OnnxForward, case: tuple[np.ndarray, ...]) -> None:
+    images, perfect, _, targets = case
+    with pytest.raises(InvalidInputError, match="maps"):
+        deletion_insertion_auc(forward, images, perfect[:, :8], targets)

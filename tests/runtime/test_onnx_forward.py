@@ -1,0 +1,106 @@
+"""OnnxForward: chunked batches, providers, and thread count from the container quota."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.runtime.onnx_forward import OnnxForward, cgroup_cpu_limit, cpu_quota
+
+
+def affinity() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 5),
+    ).eval()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.rand(2, 3, 16, 16),),
+            str(path),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+    return model, path
+
+
+def test_chunked_forward_equals_one_batch(model_path: tuple[torch.nn.Module, Path]) -> None:
+    model, path = model_path
+    x = np.random.default_rng(0).random((10, 3, 16, 16), dtype=np.float32)
+    whole = OnnxForward(path, max_batch=64)(x)
+    chunked = OnnxForward(path.read_bytes(), max_batch=3)(x)
+    assert whole.shape == (10, 5) and whole.dtype == np.float32
+    np.testing.assert_array_equal(whole, chunked)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_describes_the_model(model_path: tuple[torch.nn.Module, Path]) -> None:
+    forward = OnnxForward(model_path[1], intra_op_threads=1)
+    assert forward.input_shape == (3, 16, 16)
+    assert forward.num_classes == 5
+    assert forward.providers[-1] == "CPUExecutionProvider"
+    assert forward(np.zeros((0, 3, 16, 16), dtype=np.float32)).shape == (0, 5)
+    # float64 input is converted, not rejected.
+    assert forward(np.zeros((2, 3, 16, 16))).dtype == np.float32
+
+
+def test_rejects_a_non_positive_max_batch(model_path: tuple[torch.nn.Module, Path]) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        OnnxForward(model_path[1], max_batch=0)
+
+
+def write(root: Path, relative: str, text: str) -> None:
+    path = root / "sys" / "fs" / "cgroup" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("files", "limit"),
+    [
+        ({"cpu.max": "200000 100000\n"}, 2.0),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000", "cpu,cpuacct/cpu.cfs_period_us": "100000"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_cpu_limit(tmp_path: Path, files: dict[str, str], limit: float | None) -> None:
+    for relative, text in files.items():
+        write(tmp_path, relative, text)
+    assert cgroup_cpu_limit(tmp_path) == limit
+
+
+def test_cpu_quota_rounds_down_and_never_exceeds_affinity(tmp_path: Path) -> None:
+    write(tmp_path, "cpu.max", "50000 100000")
+    assert cpu_quota(tmp_path) == 1  # half a CPU still gets one thread
+    write(tmp_path, "cpu.max", "150000 100000")
+    assert cpu_quota(tmp_path) == 1
+    write(tmp_path, "cpu.max", f"{100000 * (affinity() + 8)} 100000")
+    assert cpu_quota(tmp_path) == affinity()  # a quota above the usable cores is capped
+    write(tmp_path, "cpu.max", "max 100000")
+    assert cpu_quota(tmp_path) == affinity()
+    assert cpu_quota(tmp_path / "missing") == affinity()
