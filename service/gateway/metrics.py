@@ -11,7 +11,19 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 # Latency buckets in seconds: explanations range from ~5 ms (forward only) to tens of
 # seconds (Sobol with thousands of forwards).
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
 STAGES = ("decode", "forward", "explain", "mask", "score", "encode", "upstream")
 

@@ -1,0 +1,62 @@
+# saliency-serve: `make serve` and `make test` work on a fresh machine with Python 3.11
+# and Java 17; everything else is installed from the package registries by these rules.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# Every pip call sees this file: nothing may pull another torch than 2.13.0.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+# The default model's training cache and the archives live in the checkout.
+export SALIENCY_SERVE_CACHE ?= $(CURDIR)/.cache/saliency-serve
+MODEL_STORE ?= model_store
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint protos bench archive install java clean help
+help:
+	@echo "make serve   - install, build the default model archive once, start TorchServe + gateway"
+	@echo "make test    - install and run the whole suite (lint, protos, unit, integration, deploy)"
+	@echo "make bench   - speed and quality benchmarks, written to bench/results/"
+	@echo "make protos  - regenerate service/_proto from protos/ and the method registry"
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip>=24"
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed java
+
+# TorchServe 0.12 runs on Java 17; install the headless JRE where it is missing.
+java:
+	@java -version 2>&1 | grep -q 'version "17' || { \
+	  echo "installing OpenJDK 17 (TorchServe needs it)"; \
+	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >/dev/null; }
+
+$(MODEL_STORE)/shapes.mar: | $(VENV)/.installed
+	$(BIN)/saliency-serve archive --default --out $(MODEL_STORE)
+
+archive: $(MODEL_STORE)/shapes.mar
+
+serve: install $(MODEL_STORE)/shapes.mar
+	$(BIN)/saliency-serve serve --model-store $(MODEL_STORE)
+
+protos: $(VENV)/.installed
+	$(BIN)/python -m service.protogen
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check service handlers tests bench
+	$(BIN)/mypy service handlers
+	$(BIN)/python -m service.protogen --check
+
+test: install deploy-tools
+	$(MAKE) --no-print-directory lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) .venv-tools .cache $(MODEL_STORE)
+
+include deploy/tools.mk

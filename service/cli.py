@@ -1,0 +1,292 @@
+"""``saliency-serve``: serve, gateway, torchserve, archive, explain, methods, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+DEFAULT_STORE = Path(os.environ.get("SALIENCY_MODEL_STORE", "model_store"))
+
+
+def _csv_floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def _size(text: str) -> tuple[int, int, int]:
+    values = [int(v) for v in text.split(",")]
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError("input size is C,H,W, e.g. 3,224,224")
+    return values[0], values[1], values[2]
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from service.archive import build_archive, build_default_archive
+    from service.runtime.export import ParityError
+
+    try:
+        if args.default:
+            path = build_default_archive(args.out)
+        else:
+            if not (args.labels and args.input_size and args.name):
+                print("archive: --name, --labels and --input-size are required", file=sys.stderr)
+                return 2
+            eager = None
+            files = []
+            if args.model_file:
+                files = [args.model_file, *([args.weights] if args.weights else [])]
+                eager = {
+                    "module": args.model_file.name,
+                    "class": args.model_class,
+                    "kwargs": json.loads(args.model_kwargs),
+                    "weights": args.weights.name if args.weights else None,
+                }
+            path = build_archive(
+                name=args.name,
+                eager=eager,
+                exported=args.exported,
+                labels=args.labels.read_text().split(),
+                input_size=args.input_size,
+                mean=args.mean,
+                std=args.std,
+                target_layer=args.target_layer,
+                out_dir=args.out,
+                files=files,
+            )
+    except ParityError as exc:
+        print(f"archive refused: {exc}", file=sys.stderr)
+        return 3
+    print(path)
+    return 0
+
+
+def _ensure_default_archive(store: Path) -> Path:
+    from service.archive import DEFAULT_NAME, build_default_archive
+
+    mar = store / f"{DEFAULT_NAME}.mar"
+    if not mar.exists():
+        print(f"building the default model archive into {mar} (once)...", flush=True)
+        build_default_archive(store)
+    return mar
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.gateway.server import GatewayConfig
+    from service.launcher import TorchServe, TorchServePorts
+
+    mar = _ensure_default_archive(args.model_store)
+    ports = TorchServePorts()
+    torchserve = TorchServe(
+        args.model_store.resolve(), {mar.stem: mar.name}, Path(args.run_dir).resolve(), ports
+    )
+    torchserve.start()
+    try:
+        print("starting TorchServe (Java) and the model worker...", flush=True)
+        torchserve.wait_ready()
+        print(
+            f"TorchServe: gRPC 127.0.0.1:{ports.grpc_inference}, HTTP 127.0.0.1:"
+            f"{ports.inference}, metrics http://127.0.0.1:{ports.metrics}/metrics",
+            flush=True,
+        )
+        config = GatewayConfig(
+            port=args.port,
+            metrics_port=args.metrics_port,
+            upstream=f"127.0.0.1:{ports.grpc_inference}",
+            models=(mar.stem,),
+        )
+        asyncio.run(_until_signal(config))
+    finally:
+        print("stopping TorchServe...", flush=True)
+        torchserve.stop()
+    return 0
+
+
+async def _until_signal(config: object) -> None:
+    from service.gateway.server import run_gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run_gateway(config, stop)  # type: ignore[arg-type]
+    print("gateway stopped", flush=True)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from service.gateway.server import GatewayConfig
+
+    config = GatewayConfig(
+        port=args.port,
+        metrics_port=args.metrics_port,
+        upstream=args.upstream,
+        models=tuple(args.model),
+    )
+    asyncio.run(_until_signal(config))
+    return 0
+
+
+def cmd_torchserve(args: argparse.Namespace) -> int:
+    from service.launcher import TorchServe
+
+    models = {p.stem: p.name for p in sorted(args.model_store.glob("*.mar"))}
+    if not models:
+        print(f"no .mar in {args.model_store}", file=sys.stderr)
+        return 2
+    server = TorchServe(
+        args.model_store.resolve(), models, Path(args.run_dir).resolve(), config=args.config
+    )
+    server.start()
+    assert server.process is not None
+    with contextlib.suppress(KeyboardInterrupt):
+        return server.process.wait()
+    server.stop()
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import cv2
+    import grpc
+
+    from service.client import SaliencyClient, decode_map, decode_mask, overlay
+    from service.serving.pipeline import method_name
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    image = cv2.cvtColor(cv2.imread(str(args.image), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    with SaliencyClient(args.address) as client:
+        try:
+            reply = client.explain(
+                args.image,
+                methods=args.method or ["vanilla_gradient"],
+                top_k=args.top_k,
+                targets=args.target or [],
+                mask=args.mask,
+                seed=args.seed,
+                scores=args.score or [],
+                timeout=args.timeout,
+            )
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+            return 1
+    for p in reply.predictions:
+        print(f"{p.label:>12s}  {p.probability:.3f}")
+    tiles = [image]
+    for item in reply.explanations:
+        name = method_name(item.method)
+        stem = f"{name}_{item.target_label}"
+        heat = overlay(image, decode_map(item.map))
+        if item.HasField("box"):
+            b = item.box
+            cv2.rectangle(heat, (b.x_min, b.y_min), (b.x_max, b.y_max), (255, 255, 255), 1)
+        cv2.imwrite(str(args.out / f"{stem}.png"), cv2.cvtColor(heat, cv2.COLOR_RGB2BGR))
+        tiles.append(heat)
+        if item.mask.png:
+            cv2.imwrite(
+                str(args.out / f"{stem}_mask.png"), decode_mask(item.mask).astype("uint8") * 255
+            )
+        extra = (
+            f" completeness={item.completeness_error:.4f}"
+            if item.HasField("completeness_error")
+            else ""
+        )
+        scores = " ".join(f"{s.score}={s.value:.3f}" for s in item.scores)
+        print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
+    cv2.imwrite(str(args.out / "overview.png"), cv2.cvtColor(cv2.hconcat(tiles), cv2.COLOR_RGB2BGR))
+    print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from service.engine.registry import list_methods
+
+    for spec in list_methods():
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        print(f"{spec.name:22s} {spec.backend:5s} {spec.description}  [{defaults}]")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    runpy.run_module(f"bench.{args.suite}", run_name="__main__")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from service.engine.registry import method_names
+
+    parser = argparse.ArgumentParser(prog="saliency-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="TorchServe + gateway, default model built once")
+    serve.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    serve.add_argument("--run-dir", default=".cache/run")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--metrics-port", type=int, default=9464)
+    serve.set_defaults(func=cmd_serve)
+
+    gateway = sub.add_parser("gateway", help="the gRPC gateway alone")
+    gateway.add_argument("--port", type=int, default=50051)
+    gateway.add_argument("--metrics-port", type=int, default=9464)
+    gateway.add_argument("--upstream", default="127.0.0.1:7070")
+    gateway.add_argument("--model", action="append", default=None, required=True)
+    gateway.set_defaults(func=cmd_gateway)
+
+    torchserve = sub.add_parser("torchserve", help="TorchServe in the foreground")
+    torchserve.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    torchserve.add_argument("--config", type=Path, default=None)
+    torchserve.add_argument("--run-dir", default=".cache/run")
+    torchserve.add_argument("--foreground", action="store_true", help="(always)")
+    torchserve.set_defaults(func=cmd_torchserve)
+
+    archive = sub.add_parser("archive", help="a model -> .mar (pt2 + onnx + model.json)")
+    archive.add_argument("--default", action="store_true", help="the built-in shapes model")
+    archive.add_argument("--out", type=Path, default=DEFAULT_STORE)
+    archive.add_argument("--name")
+    archive.add_argument("--model-file", type=Path, help="python file defining the network")
+    archive.add_argument("--model-class", default="Net")
+    archive.add_argument("--model-kwargs", default="{}", help="JSON constructor arguments")
+    archive.add_argument("--weights", type=Path, help="state_dict saved with torch.save")
+    archive.add_argument("--exported", type=Path, help="torch.export .pt2 (no CAM methods)")
+    archive.add_argument("--labels", type=Path, help="one label per line")
+    archive.add_argument("--input-size", type=_size)
+    archive.add_argument("--mean", type=_csv_floats, default=[0.485, 0.456, 0.406])
+    archive.add_argument("--std", type=_csv_floats, default=[0.229, 0.224, 0.225])
+    archive.add_argument("--target-layer", default=None)
+    archive.set_defaults(func=cmd_archive)
+
+    explain = sub.add_parser("explain", help="explain an image through a running server")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--method", action="append", choices=method_names())
+    explain.add_argument("--top-k", type=int, default=1)
+    explain.add_argument("--target", type=int, action="append")
+    explain.add_argument("--mask", choices=["none", "threshold", "grabcut"], default="threshold")
+    explain.add_argument(
+        "--score", action="append", choices=["deletion_auc", "insertion_auc", "mu_fidelity"]
+    )
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--out", type=Path, default=Path("explanations"))
+    explain.add_argument("--address", default="localhost:50051")
+    explain.add_argument("--timeout", type=float, default=120.0)
+    explain.set_defaults(func=cmd_explain)
+
+    methods = sub.add_parser("methods", help="list the registered explanation methods")
+    methods.set_defaults(func=cmd_methods)
+
+    bench = sub.add_parser("bench", help="run a benchmark suite (see bench/)")
+    bench.add_argument("suite", nargs="?", default="run")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,103 @@
+"""One interceptor: domain errors -> gRPC status codes, plus latency and in-flight metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from service.engine.errors import EngineError
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.upstream import UpstreamError
+from service.serving.status import code_name
+
+logger = logging.getLogger(__name__)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a client sees for an exception."""
+    if isinstance(exc, UpstreamError):
+        return exc.code, str(exc)
+    if isinstance(exc, EngineError):
+        return getattr(grpc.StatusCode, code_name(exc)), str(exc)
+    logger.exception("unexpected error", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error (see server logs)"
+
+
+class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by the servicer to statuses and records every call."""
+
+    def __init__(self, metrics: GatewayMetrics, model_of: Callable[[Any], str]) -> None:
+        self.metrics = metrics
+        self.model_of = model_of
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/saliency.v1."):
+            return handler
+        rpc = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(rpc, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(rpc, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _unary(self, rpc: str, behaviour: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            self.metrics.in_flight.inc()
+            try:
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            finally:
+                self.metrics.in_flight.dec()
+                self._observe(rpc, request, code, start)
+
+        return wrapped
+
+    def _stream(self, rpc: str, behaviour: Any) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            self.metrics.in_flight.inc()
+            try:
+                async for item in behaviour(request, context):
+                    yield item
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code, message = status_of(exc)
+                await context.abort(code, message)
+            finally:
+                self.metrics.in_flight.dec()
+                self._observe(rpc, request, code, start)
+
+        return wrapped
+
+    def _observe(self, rpc: str, request: Any, code: grpc.StatusCode, start: float) -> None:
+        self.metrics.request_duration.labels(rpc, self.model_of(request), code.name).observe(
+            time.perf_counter() - start
+        )

@@ -1,0 +1,116 @@
+"""The thin ExplainService servicer: forward to TorchServe, turn reply errors into exceptions."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
+from service.engine.errors import InvalidInputError
+from service.gateway.metrics import GatewayMetrics
+from service.gateway.upstream import TorchServeClient, raise_payload_error
+
+REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
+
+
+class ExplainServicer(pb_grpc.ExplainServiceServicer):
+    """Routes each call to the named (or default) model on TorchServe."""
+
+    def __init__(
+        self, upstream: TorchServeClient, models: tuple[str, ...], metrics: GatewayMetrics
+    ) -> None:
+        self.upstream = upstream
+        self.models = models
+        self.metrics = metrics
+
+    def model_label(self, request: object) -> str:
+        """A metric label from a closed set: a served model name or "unknown"."""
+        name = getattr(request, "model", "") or self.models[0]
+        return name if name in self.models else "unknown"
+
+    def _model(
+        self, request: pb.ExplainRequest | pb.PredictRequest | pb.GetModelInfoRequest
+    ) -> str:
+        name = request.model or self.models[0]
+        if name not in self.models:
+            raise InvalidInputError(
+                f"unknown model {request.model!r}: this server serves {', '.join(self.models)}"
+            )
+        return name
+
+    async def Explain(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ExplainResponse:
+        model = self._model(request)
+        start = time.perf_counter()
+        raw = await self.upstream.call(
+            model, "request", request.SerializeToString(), context.time_remaining()
+        )
+        response = pb.ExplainResponse.FromString(raw)
+        raise_payload_error(response.error)
+        self._observe(model, response.timings, response.explanations, time.perf_counter() - start)
+        return response
+
+    async def ExplainStream(
+        self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ExplainStreamResponse]:
+        model = self._model(request)
+        start = time.perf_counter()
+        explanations: list[pb.Explanation] = []
+        async for raw in self.upstream.stream(
+            model, request.SerializeToString(), context.time_remaining()
+        ):
+            part = pb.ExplainStreamResponse.FromString(raw)
+            if part.WhichOneof("part") == "summary":
+                raise_payload_error(part.summary.error)
+                self._observe(
+                    model, part.summary.timings, explanations, time.perf_counter() - start
+                )
+            elif part.WhichOneof("part") == "explanation":
+                explanations.append(part.explanation)
+            yield part
+
+    async def Predict(
+        self, request: pb.PredictRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PredictResponse:
+        model = self._model(request)
+        start = time.perf_counter()
+        raw = await self.upstream.call(
+            model, "predict", request.SerializeToString(), context.time_remaining()
+        )
+        response = pb.PredictResponse.FromString(raw)
+        raise_payload_error(response.error)
+        self._observe(model, response.timings, [], time.perf_counter() - start)
+        return response
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        model = self._model(request)
+        raw = await self.upstream.call(model, "model_info", b"", context.time_remaining())
+        info = pb.ModelInfo.FromString(raw)
+        raise_payload_error(info.error)
+        return info
+
+    def _observe(
+        self,
+        model: str,
+        timings: list[pb.StageTiming] | object,
+        explanations: list[pb.Explanation] | object,
+        upstream_seconds: float,
+    ) -> None:
+        stage = self.metrics.stage_duration
+        handler_total = 0.0
+        for timing in timings:  # type: ignore[attr-defined]
+            if timing.stage in REQUEST_STAGES:
+                stage.labels(timing.stage, "all", model).observe(timing.seconds)
+            if timing.stage == "total":
+                handler_total = timing.seconds
+        for explanation in explanations:  # type: ignore[attr-defined]
+            name = pb.Method.Name(explanation.method).removeprefix("METHOD_").lower()
+            stage.labels("explain", name, model).observe(explanation.seconds)
+        # Time outside the handler: transport, TorchServe queueing and batching delay.
+        stage.labels("upstream", "all", model).observe(max(upstream_seconds - handler_total, 0.0))

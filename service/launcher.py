@@ -1,0 +1,153 @@
+"""Start, wait for, and stop a TorchServe process bound to localhost."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from service.gateway.upstream import MAX_MESSAGE_BYTES
+
+
+@dataclass(frozen=True)
+class TorchServePorts:
+    """TorchServe's five listeners (DESIGN.md defaults)."""
+
+    inference: int = 8080
+    management: int = 8081
+    metrics: int = 8082
+    grpc_inference: int = 7070
+    grpc_management: int = 7071
+
+    @classmethod
+    def free(cls) -> TorchServePorts:
+        """Five ports free right now (for tests running beside a real deployment)."""
+        return cls(*(_free_port() for _ in fields(cls)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_config(
+    path: Path, model_store: Path, ports: TorchServePorts, *, bind: str = "127.0.0.1"
+) -> Path:
+    """``config.properties``: localhost only, Prometheus metrics, large enough messages."""
+    lines = {
+        "inference_address": f"http://{bind}:{ports.inference}",
+        "management_address": f"http://{bind}:{ports.management}",
+        "metrics_address": f"http://{bind}:{ports.metrics}",
+        "grpc_inference_address": bind,
+        "grpc_management_address": bind,
+        "grpc_inference_port": ports.grpc_inference,
+        "grpc_management_port": ports.grpc_management,
+        "model_store": model_store,
+        "metrics_mode": "prometheus",
+        "disable_token_authorization": "true",
+        "install_py_dep_per_model": "false",
+        "max_request_size": MAX_MESSAGE_BYTES,
+        "max_response_size": MAX_MESSAGE_BYTES,
+        "default_response_timeout": 120,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
+    return path
+
+
+class TorchServe:
+    """One TorchServe in the foreground of its own process group."""
+
+    def __init__(
+        self,
+        model_store: Path,
+        models: dict[str, str],
+        run_dir: Path,
+        ports: TorchServePorts | None = None,
+        config: Path | None = None,
+    ) -> None:
+        self.model_store = model_store
+        self.models = models  # name -> .mar file name
+        self.run_dir = run_dir
+        self.ports = ports or TorchServePorts()
+        self.config = config or write_config(run_dir / "config.properties", model_store, self.ports)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = self.run_dir / "logs"
+        env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+        command = [
+            str(Path(sys.executable).parent / "torchserve"),
+            "--start",
+            "--foreground",
+            "--ncs",
+            "--disable-token-auth",
+            "--ts-config",
+            str(self.config),
+            "--model-store",
+            str(self.model_store),
+            "--models",
+            *[f"{name}={mar}" for name, mar in self.models.items()],
+        ]
+        self._log = (self.run_dir / "torchserve.out").open("ab")
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.run_dir,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def ready(self) -> bool:
+        """Every model has a READY worker (TorchServe's management API)."""
+        for name in self.models:
+            url = f"http://127.0.0.1:{self.ports.management}/models/{name}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    described = json.loads(reply.read())
+            except (urllib.error.URLError, OSError, ValueError):
+                return False
+            workers = described[0].get("workers", []) if described else []
+            if not any(w.get("status") == "READY" for w in workers):
+                return False
+        return True
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited early; see {self.run_dir / 'logs'}")
+            if self.ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.run_dir}/logs")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # The whole group: the launcher, the Java frontend and its Python workers.
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+
+    def __enter__(self) -> TorchServe:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

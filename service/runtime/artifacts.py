@@ -1,0 +1,139 @@
+"""A served model's files (``model.json``, gradient artifact, ``model.onnx``) and their loading.
+
+``model.json`` is the contract between ``saliency-serve archive`` and every host:
+
+    {"name", "version", "labels", "input_size": [C, H, W], "mean", "std",
+     "target_layer": "model.features.3" | null,
+     "eager": {"module": "pkg.mod" | "model.py", "class": "Net", "kwargs": {...},
+               "weights": "weights.pt"} | null}
+
+The gradient model is the eager module when ``eager`` is given (CAM methods hook its named
+layers), else the exported program ``model.pt2``. Predictions and forward-only methods
+always run on ``model.onnx`` through ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.engine.engine import Engine
+from service.runtime.onnx_forward import OnnxForward
+from service.runtime.wrap import Normalized, freeze
+
+META_FILE = "model.json"
+PT2_FILE = "model.pt2"
+ONNX_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """The parsed ``model.json``."""
+
+    name: str
+    version: str
+    labels: tuple[str, ...]
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    target_layer: str | None = None
+    eager: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ModelMeta:
+        raw = json.loads((model_dir / META_FILE).read_text())
+        known = {"name", "version", "labels", "input_size", "mean", "std", "target_layer", "eager"}
+        channels, height, width = (int(v) for v in raw["input_size"])
+        return cls(
+            name=raw["name"],
+            version=str(raw["version"]),
+            labels=tuple(raw["labels"]),
+            input_size=(channels, height, width),
+            mean=tuple(float(v) for v in raw["mean"]),
+            std=tuple(float(v) for v in raw["std"]),
+            target_layer=raw.get("target_layer"),
+            eager=raw.get("eager"),
+            extra={k: v for k, v in raw.items() if k not in known},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "labels": list(self.labels),
+            "input_size": list(self.input_size),
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "target_layer": self.target_layer,
+            "eager": self.eager,
+            **self.extra,
+        }
+
+
+@dataclass
+class ModelBundle:
+    """Everything a host needs to serve one model."""
+
+    meta: ModelMeta
+    engine: Engine
+    forward: OnnxForward
+    gradient_source: str  # "eager" or "pt2"
+
+
+def build_eager_net(spec: dict[str, Any], model_dir: Path) -> torch.nn.Module:
+    """Instantiate the user's module class (importable module or a file shipped beside)."""
+    module_ref: str = spec["module"]
+    if module_ref.endswith(".py"):
+        path = model_dir / module_ref
+        loaded = importlib.util.spec_from_file_location(f"saliency_user_{path.stem}", path)
+        if loaded is None or loaded.loader is None:
+            raise ImportError(f"cannot import model file {path}")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_ref)
+    net: torch.nn.Module = getattr(module, spec["class"])(**spec.get("kwargs", {}))
+    weights = spec.get("weights")
+    if weights:
+        state = torch.load(model_dir / weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net
+
+
+def load_gradient_model(meta: ModelMeta, model_dir: Path) -> tuple[torch.nn.Module, str]:
+    """The differentiable pixel-space module and where it came from."""
+    if meta.eager:
+        net = build_eager_net(meta.eager, model_dir)
+        return freeze(Normalized(net, meta.mean, meta.std)), "eager"
+    program = torch.export.load(model_dir / PT2_FILE)
+    return freeze(program.module()), "pt2"
+
+
+def load_bundle(
+    model_dir: Path, *, device: str = "cpu", intra_op_threads: int | None = None
+) -> ModelBundle:
+    """Load ``model_dir`` for serving on ``device`` ("cpu" or "cuda[:N]")."""
+    meta = ModelMeta.read(model_dir)
+    model, source = load_gradient_model(meta, model_dir)
+    model = model.to(device)
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    forward = OnnxForward(
+        model_dir / ONNX_FILE, providers=providers, intra_op_threads=intra_op_threads
+    )
+    target_layer = meta.target_layer if source == "eager" else None
+    engine = Engine(
+        model,
+        target_layer=target_layer,
+        input_shape=meta.input_size,
+        forward_numpy=forward,
+    )
+    return ModelBundle(meta=meta, engine=engine, forward=forward, gradient_source=source)

@@ -1,0 +1,148 @@
+"""Bytes in, bytes out: image decoding under limits, map and mask encoding (and decoding)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.engine.errors import InvalidInputError, ResourceLimitError
+from service.serving.limits import Limits
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
+def decode_image(image: pb.Image, limits: Limits) -> np.ndarray:
+    """Pixels of a request image as uint8 ``(H, W, 3)`` RGB.
+
+    Raises:
+        InvalidInputError: empty, not an image, unsupported format, truncated, bad tensor.
+        ResourceLimitError: larger than ``limits`` allow (checked before decoding).
+    """
+    source = image.WhichOneof("source")
+    if source == "tensor":
+        return _decode_tensor(image.tensor, limits)
+    if source is None or not image.encoded:
+        raise InvalidInputError("image is empty: set image.encoded (PNG, JPEG or WebP bytes)")
+    data = image.encoded
+    if len(data) > limits.max_image_bytes:
+        raise ResourceLimitError(
+            f"image is {len(data)} bytes; the limit is {limits.max_image_bytes} bytes"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+            _check_size(opened.width, opened.height, limits)
+            if opened.format not in ACCEPTED_FORMATS:
+                raise InvalidInputError(
+                    f"image format {opened.format} is not accepted; send PNG, JPEG or WebP"
+                )
+            rgb = opened.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidInputError(
+            "image bytes are not a PNG, JPEG or WebP image (or exceed the pixel limit)"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInputError(
+            f"image could not be decoded (truncated or corrupt): {exc}"
+        ) from None
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def _check_size(width: int, height: int, limits: Limits) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidInputError(f"image has no pixels ({width}x{height})")
+    if max(width, height) > limits.max_image_side or width * height > limits.max_image_pixels:
+        raise ResourceLimitError(
+            f"image is {width}x{height} = {width * height} pixels; the limit is "
+            f"{limits.max_image_pixels} pixels and {limits.max_image_side} per side: downscale it"
+        )
+
+
+def _decode_tensor(tensor: pb.Tensor, limits: Limits) -> np.ndarray:
+    shape = tuple(tensor.shape)
+    if len(shape) != 3 or shape[0] != 3:
+        raise InvalidInputError(f"tensor shape must be (3, height, width), got {shape}")
+    _check_size(shape[2], shape[1], limits)
+    dtypes = {pb.Tensor.DTYPE_FLOAT32: np.dtype("<f4"), pb.Tensor.DTYPE_UINT8: np.dtype(np.uint8)}
+    if tensor.dtype not in dtypes:
+        raise InvalidInputError("tensor dtype must be DTYPE_FLOAT32 or DTYPE_UINT8")
+    dtype = dtypes[tensor.dtype]
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidInputError(
+            f"tensor data is {len(tensor.data)} bytes; shape {shape} of {dtype} needs {expected}"
+        )
+    array = np.frombuffer(tensor.data, dtype=dtype).reshape(shape).transpose(1, 2, 0)
+    if dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+        raise InvalidInputError("float32 tensor values must be finite and within [0, 1]")
+    return np.ascontiguousarray(np.round(array * 255.0).astype(np.uint8))
+
+
+def to_model_input(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` -> float32 ``(3, height, width)`` in ``[0, 1]``."""
+    if pixels.shape[:2] != (height, width):
+        shrink = pixels.shape[0] > height or pixels.shape[1] > width
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        pixels = cv2.resize(pixels, (width, height), interpolation=interpolation)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32) / 255.0
+
+
+def resize_map(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of a float map to the client's image size."""
+    if saliency.shape == (height, width):
+        return saliency.astype(np.float32, copy=False)
+    return cv2.resize(saliency.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+
+
+def encode_map(saliency: np.ndarray, encoding: int) -> pb.SaliencyMap:
+    """A float ``(H, W)`` map as 8-bit PNG with its range (default) or raw float16."""
+    height, width = saliency.shape
+    lo, hi = float(saliency.min()), float(saliency.max())
+    if encoding == pb.MAP_ENCODING_FLOAT16:
+        data = saliency.astype("<f2").tobytes()
+    else:
+        encoding = pb.MAP_ENCODING_PNG8
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        quantised = np.round((saliency - lo) * scale).astype(np.uint8)
+        data = _png(quantised, [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    return pb.SaliencyMap(
+        width=width, height=height, encoding=encoding, data=data, value_min=lo, value_max=hi
+    )
+
+
+def encode_mask(mask: np.ndarray, kind: int) -> pb.Mask:
+    """A boolean ``(H, W)`` mask as a 1-bit PNG."""
+    height, width = mask.shape
+    data = _png(mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_BILEVEL, 1])
+    return pb.Mask(width=width, height=height, kind=kind, png=data)
+
+
+def _png(array: np.ndarray, params: list[int]) -> bytes:
+    ok, buffer = cv2.imencode(".png", array, params)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def decode_map(saliency: pb.SaliencyMap) -> np.ndarray:
+    """float32 ``(H, W)`` values of an encoded map (the inverse of ``encode_map``)."""
+    shape = (saliency.height, saliency.width)
+    if saliency.encoding == pb.MAP_ENCODING_FLOAT16:
+        return np.frombuffer(saliency.data, dtype="<f2").reshape(shape).astype(np.float32)
+    pixels = cv2.imdecode(np.frombuffer(saliency.data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    span = saliency.value_max - saliency.value_min
+    return (saliency.value_min + pixels.astype(np.float32) / 255.0 * span).astype(np.float32)
+
+
+def decode_mask(mask: pb.Mask) -> np.ndarray:
+    """bool ``(H, W)`` of an encoded mask."""
+    pixels = cv2.imdecode(np.frombuffer(mask.png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return np.asarray(pixels > 127)

@@ -1,0 +1,167 @@
+"""The request pipeline on a real (tiny) model bundle: ONNX Runtime forward, torch gradients."""
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.engine.registry import list_methods
+from service.serving import codec
+from service.serving.pipeline import Explainer, method_enum
+
+RNG = np.random.default_rng(0)
+PICTURE = RNG.integers(0, 255, (50, 40, 3), dtype=np.uint8)
+
+
+def png(array: np.ndarray = PICTURE) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def request(*methods: str, **fields: object) -> pb.ExplainRequest:
+    req = pb.ExplainRequest(image=pb.Image(encoded=png()), **fields)  # type: ignore[arg-type]
+    req.methods.extend(pb.MethodRequest(method=method_enum(m)) for m in methods)
+    return req
+
+
+def test_model_info_lists_every_registered_method(explainer: Explainer) -> None:
+    info = explainer.model_info()
+    assert [m.name for m in info.methods] == [s.name for s in list_methods()]
+    assert list(info.labels) == ["alpha", "beta", "gamma", "delta"]
+    assert (info.channels, info.height, info.width) == (3, 32, 32)
+    assert all(m.available for m in info.methods)
+
+
+def test_explain_returns_maps_masks_and_boxes_at_image_resolution(explainer: Explainer) -> None:
+    [reply] = explainer.explain_batch([request("vanilla_gradient", "grad_cam", top_k=2)])
+    assert not reply.error.code
+    assert len(reply.predictions) == 4  # at least 5 asked, 4 labels
+    probabilities = [p.probability for p in reply.predictions]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert abs(sum(probabilities) - 1) < 1e-5
+    assert len(reply.explanations) == 4  # 2 methods x top-2
+    assert {e.target for e in reply.explanations} == {p.index for p in reply.predictions[:2]}
+    for item in reply.explanations:
+        assert (item.map.height, item.map.width) == (50, 40)
+        assert (item.mask.height, item.mask.width) == (50, 40)
+        mask = codec.decode_mask(item.mask)
+        assert 0 < mask.sum() <= 0.1 * mask.size  # 95th percentile mask
+        assert item.HasField("box")
+        assert item.box.x_max < 40 and item.box.y_max < 50
+    stages = {t.stage for t in reply.timings}
+    assert {"decode", "forward", "explain", "mask", "encode", "total"} <= stages
+
+
+def test_integrated_gradients_reports_completeness(explainer: Explainer) -> None:
+    [reply] = explainer.explain_batch([request("integrated_gradients")])
+    [item] = reply.explanations
+    assert item.HasField("completeness_error")
+    assert item.completeness_error >= 0.0
+
+
+def test_explicit_targets_and_params(explainer: Explainer) -> None:
+    req = request(target_classes=[3, 1])
+    req.methods.append(
+        pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "4"})
+    )
+    [reply] = explainer.explain_batch([req])
+    assert [e.target for e in reply.explanations] == [3, 1]
+    assert reply.explanations[0].params["n_samples"] == "4"
+    assert reply.explanations[0].target_label == "delta"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "message"),
+    [
+        (lambda r: r.target_classes.append(4), "INVALID_ARGUMENT", "out of range"),
+        (
+            lambda r: r.methods.append(pb.MethodRequest(method=999)),
+            "INVALID_ARGUMENT",
+            "unknown method",
+        ),  # type: ignore[arg-type]
+        (lambda r: r.methods.append(pb.MethodRequest()), "INVALID_ARGUMENT", "unset"),
+        (
+            lambda r: r.methods.append(
+                pb.MethodRequest(method=method_enum("smoothgrad"), params={"bogus": "1"})
+            ),
+            "INVALID_ARGUMENT",
+            "bogus",
+        ),
+        (
+            lambda r: r.methods.append(
+                pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "many"})
+            ),
+            "INVALID_ARGUMENT",
+            "n_samples",
+        ),
+        (lambda r: setattr(r, "top_k", 9), "INVALID_ARGUMENT", "top_k"),
+        (lambda r: r.scores.append(77), "INVALID_ARGUMENT", "score"),  # type: ignore[arg-type]
+        (lambda r: r.image.ClearField("encoded"), "INVALID_ARGUMENT", "empty"),
+        (
+            lambda r: r.mask.CopyFrom(pb.MaskOptions(percentile=150)),
+            "INVALID_ARGUMENT",
+            "percentile",
+        ),
+    ],
+)
+def test_bad_requests_fail_alone(explainer: Explainer, mutate, code: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    bad = request()
+    mutate(bad)
+    good = request("vanilla_gradient")
+    bad_reply, good_reply = explainer.explain_batch([bad, good])
+    assert bad_reply.error.code == code
+    assert message in bad_reply.error.message
+    assert not good_reply.error.code
+    [alone] = explainer.explain_batch([good])
+    assert good_reply.explanations[0].map.data == alone.explanations[0].map.data
+
+
+def test_too_many_explanations_is_resource_exhausted(explainer: Explainer) -> None:
+    req = request(*(["vanilla_gradient"] * 9), top_k=4)  # 36 > 32
+    [reply] = explainer.explain_batch([req])
+    assert reply.error.code == "RESOURCE_EXHAUSTED"
+
+
+def test_passed_deadline_is_deadline_exceeded(explainer: Explainer) -> None:
+    [reply] = explainer.explain_batch([request("smoothgrad")], [time.monotonic() - 1])
+    assert reply.error.code == "DEADLINE_EXCEEDED"
+
+
+@pytest.mark.parametrize("method", ["vanilla_gradient", "grad_cam", "smoothgrad", "rise"])
+def test_a_request_gets_the_same_answer_alone_or_batched(explainer: Explainer, method: str) -> None:
+    mine = request(method, seed=7)
+    others = [request(method, seed=7, target_classes=[2]), request(method, seed=7, top_k=3)]
+    [alone] = explainer.explain_batch([mine])
+    batched = explainer.explain_batch([*others, mine])[-1]
+    np.testing.assert_allclose(
+        codec.decode_map(batched.explanations[0].map),
+        codec.decode_map(alone.explanations[0].map),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_stream_events_come_prediction_first_then_maps_then_scores(explainer: Explainer) -> None:
+    req = request("vanilla_gradient", "grad_cam", scores=[pb.SCORE_DELETION_AUC])
+    kinds = [event.kind for event in explainer.run(explainer.jobs([req]))]
+    assert kinds == ["prediction", "explanation", "scores", "explanation", "scores", "done"]
+
+
+def test_scores_are_attached_to_explanations(explainer: Explainer) -> None:
+    req = request("vanilla_gradient", scores=[pb.SCORE_DELETION_AUC, pb.SCORE_INSERTION_AUC])
+    [reply] = explainer.explain_batch([req])
+    values = {s.score: s.value for s in reply.explanations[0].scores}
+    assert set(values) == {pb.SCORE_DELETION_AUC, pb.SCORE_INSERTION_AUC}
+    assert all(0.0 <= v <= 1.0 for v in values.values())
+
+
+def test_predict_batch(explainer: Explainer) -> None:
+    replies = explainer.predict_batch(
+        [pb.PredictRequest(image=pb.Image(encoded=png()), top_k=2), pb.PredictRequest()]
+    )
+    assert len(replies[0].predictions) == 2
+    assert replies[1].error.code == "INVALID_ARGUMENT"
