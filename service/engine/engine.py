@@ -57,6 +57,8 @@ class Engine:
             int(input_shape[2]),
         )
         self.forward_numpy = forward_numpy
+        first = next(iter([*model.parameters(), *model.buffers()]), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
         if target_layer == AUTO_LAYER:
             target_layer = find_last_spatial_layer(self.model, input_shape)
@@ -65,13 +67,13 @@ class Engine:
         self.num_classes = int(self.predict_logits(torch.zeros((1, *self.input_shape))).shape[1])
 
     def predict_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, K)`` float32, from ``forward_numpy`` when given, else the torch model."""
+        """Logits ``(B, K)`` float32 on the CPU, from ``forward_numpy`` when given, else torch."""
         inputs = self.validate_inputs(inputs)
         if self.forward_numpy is not None:
             array = inputs.detach().cpu().numpy()
             return torch.from_numpy(np.asarray(self.forward_numpy(array), dtype=np.float32))
         with torch.inference_mode():
-            return self.model(inputs).float()
+            return self.model(inputs.to(self.device)).float().cpu()
 
     def validate_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
         """``inputs`` if float32 ``(B, C, H, W)`` finite pixels in ``[0, 1]``, else an error."""
@@ -122,7 +124,8 @@ class Engine:
                 ``DeadlineExceededError``.
 
         Returns:
-            The method's :class:`Attribution`, maps float32 ``(B, H, W)``.
+            The method's :class:`Attribution`, maps float32 ``(B, H, W)`` on the model's
+            device.
         """
         spec = self.check_method(method)
         resolved = spec.resolve_params(params)
@@ -133,7 +136,8 @@ class Engine:
             logits = self.predict_logits(inputs)
         else:  # every target given: only the class count is needed for the range check
             logits = torch.zeros((inputs.shape[0], self.num_classes))
-        target_index = resolve_targets(logits, targets).to(inputs.device)
+        inputs = inputs.to(self.device)  # maps come back on the model's device
+        target_index = resolve_targets(logits, targets).to(self.device)
         ctx = ExplainContext(
             model=self.model,
             forward_numpy=self.forward_numpy,

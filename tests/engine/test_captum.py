@@ -1,0 +1,118 @@
+"""The gradient methods against Captum 0.9 on the same model, inputs and targets.
+
+Agreement is asked to ``rtol=1e-5`` plus an ``atol`` of ``1e-6`` of the reference's largest
+magnitude (float32 sums in a different order cannot agree better on near-zero pixels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import (
+    InputXGradient,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    Saliency,
+)
+
+from service.engine.engine import Engine
+from service.engine.layers import resolve_layer
+from service.engine.methods.integrated_gradients import gaussian_blur
+from service.engine.registry import ParamValue
+from tests.engine.conftest import ModelCase
+from tests.engine.nets import images
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    expected = expected.detach()
+    atol = 1e-6 * float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def case(reference_case: ModelCase) -> tuple[Engine, torch.Tensor, torch.Tensor]:
+    model = reference_case.model
+    engine = Engine(
+        model,
+        target_layer=reference_case.target_layer,
+        input_shape=reference_case.input_shape,
+        chunk_size=16,
+    )
+    _, height, width = reference_case.input_shape
+    x = images(3, seed=1, size=height)
+    assert width == height
+    logits = engine.predict_logits(x)
+    # Explain the predicted class of item 0 and runner-up classes of the others.
+    targets = torch.stack([logits[0].argmax(), logits[1].argsort()[-2], logits[2].argsort()[0]])
+    return engine, x, targets
+
+
+def test_vanilla_gradient(case: tuple[Engine, torch.Tensor, torch.Tensor]) -> None:
+    engine, x, t = case
+    ours = engine.explain(x, t, "vanilla_gradient").maps
+    theirs = Saliency(engine.model).attribute(x, target=t, abs=True).amax(dim=1)
+    assert_close(ours, theirs)
+
+
+def test_gradient_x_input(case: tuple[Engine, torch.Tensor, torch.Tensor]) -> None:
+    engine, x, t = case
+    ours = engine.explain(x, t, "gradient_x_input").maps
+    theirs = InputXGradient(engine.model).attribute(x, target=t).sum(dim=1)
+    assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("integration", "captum_method", "scale"),
+    [
+        ("gauss_legendre", "gausslegendre", 1.0),
+        ("riemann_middle", "riemann_middle", 1.0),
+        ("riemann_left", "riemann_left", 1.0),
+        # Captum's trapezoid weights are 1/n (summing to (n-1)/n); ours are 1/(n-1).
+        ("riemann_trapezoid", "riemann_trapezoid", 12 / 11),
+    ],
+)
+@pytest.mark.parametrize("baseline", ["black", "blurred"])
+def test_integrated_gradients(
+    case: tuple[Engine, torch.Tensor, torch.Tensor],
+    integration: str,
+    captum_method: str,
+    scale: float,
+    baseline: str,
+) -> None:
+    engine, x, t = case
+    params: dict[str, ParamValue] = {
+        "integration": integration,
+        "n_steps": 12,
+        "baseline": baseline,
+        "blur_sigma": 3.0,
+    }
+    ours = engine.explain(x, t, "integrated_gradients", params)
+    ref = torch.zeros_like(x) if baseline == "black" else gaussian_blur(x, 3.0)
+    ig = IntegratedGradients(engine.model)
+    attr, delta = ig.attribute(
+        x,
+        baselines=ref,
+        target=t,
+        n_steps=12,
+        method=captum_method,
+        return_convergence_delta=True,
+    )
+    assert_close(ours.maps, scale * attr.sum(dim=1))
+    if scale == 1.0:  # same quadrature: same completeness error as Captum's delta
+        assert ours.completeness_error is not None
+        torch.testing.assert_close(
+            ours.completeness_error, delta.abs().float(), rtol=1e-3, atol=1e-5
+        )
+
+
+def test_grad_cam(case: tuple[Engine, torch.Tensor, torch.Tensor]) -> None:
+    engine, x, t = case
+    ours = engine.explain(x, t, "grad_cam").maps
+    assert engine.target_layer_name is not None
+    layer = resolve_layer(engine.model, engine.target_layer_name)
+    cam = LayerGradCam(engine.model, layer).attribute(x, target=t, relu_attributions=True)
+    theirs = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    assert_close(ours, theirs[:, 0])
