@@ -6,6 +6,7 @@ checked as soon as it is registered.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from service.engine.engine import Engine
 from service.engine.errors import DeadlineExceededError, UnsupportedMethodError
 from service.engine.registry import MethodSpec, ParamValue, iter_methods
+from service.engine.types import ExplainContext
 from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, all_hooks, images
 
 TORCH_METHODS = [spec.name for spec in iter_methods("torch")]
@@ -116,10 +118,16 @@ def test_inputs_are_not_modified(tiny_engine: Engine, spec: MethodSpec) -> None:
 
 
 def test_deadline_stops_the_work(tiny_engine: Engine, spec: MethodSpec) -> None:
-    import time
-
     with pytest.raises(DeadlineExceededError):
         tiny_engine.explain(images(1), [1], spec.name, deadline=time.monotonic() - 1)
+    # The method itself checks between chunks, not only the engine before starting.
+    ctx = ExplainContext(
+        model=tiny_engine.model,
+        target_layer=tiny_engine.target_layer,
+        deadline=time.monotonic() - 1,
+    )
+    with pytest.raises(DeadlineExceededError):
+        spec.fn(ctx, images(1), torch.tensor([1]), **spec.resolve_params(fast_params(spec)))
 
 
 def test_concurrent_calls_match_sequential(tiny_engine: Engine, spec: MethodSpec) -> None:
