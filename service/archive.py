@@ -7,6 +7,7 @@ forwards, refuse on a logits parity failure, write ``model.json``, pack with the
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import shutil
 import subprocess
@@ -21,7 +22,6 @@ import torch
 
 import handlers
 from service.runtime.artifacts import META_FILE, ModelMeta, build_eager_net
-from service.runtime.export import export_artifacts
 from service.runtime.wrap import Normalized, freeze
 
 HANDLER = Path(handlers.__file__).parent / "saliency_handler.py"
@@ -79,6 +79,8 @@ def build_archive(
     Raises:
         ParityError: the exported forwards disagree by more than ``atol``.
     """
+    from service.runtime.export import export_artifacts  # heavy (onnx exporter): lazily
+
     if (eager is None) == (exported is None):
         raise ValueError("give exactly one of an eager module spec or an exported program")
     if len(mean) != input_size[0] or len(std) != input_size[0]:
@@ -134,7 +136,11 @@ def _pack(name: str, version: str, staging: Path, extra: list[Path], out_dir: Pa
         str(out_dir),
         "--force",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # The archiver stages files in $TMPDIR/<model name> and deletes that folder afterwards:
+    # give it a private TMPDIR so it can never touch another build's (or anyone's) files.
+    with tempfile.TemporaryDirectory() as private_tmp:
+        env = {**os.environ, "TMPDIR": private_tmp}
+        result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip()}")
 

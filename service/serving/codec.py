@@ -43,10 +43,13 @@ def decode_image(image: pb.Image, limits: Limits) -> np.ndarray:
                     f"image format {opened.format} is not accepted; send PNG, JPEG or WebP"
                 )
             rgb = opened.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidInputError(
-            "image bytes are not a PNG, JPEG or WebP image (or exceed the pixel limit)"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # PIL refuses from the header too, for sizes far above ours.
+        raise ResourceLimitError(
+            f"image exceeds the pixel limit of {limits.max_image_pixels} pixels ({exc})"
         ) from None
+    except UnidentifiedImageError:
+        raise InvalidInputError("image bytes are not a PNG, JPEG or WebP image") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInputError(
             f"image could not be decoded (truncated or corrupt): {exc}"
