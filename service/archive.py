@@ -7,8 +7,8 @@ forwards, refuse on a logits parity failure, write ``model.json``, pack with the
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import shutil
 import subprocess
 import sys

@@ -156,7 +156,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from service.serving.pipeline import method_name
 
     args.out.mkdir(parents=True, exist_ok=True)
-    image = cv2.cvtColor(cv2.imread(str(args.image), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    read = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
+    if read is None:
+        print(f"cannot read {args.image} as an image", file=sys.stderr)
+        return 2
+    image = cv2.cvtColor(read, cv2.COLOR_BGR2RGB)
     with SaliencyClient(args.address) as client:
         try:
             reply = client.explain(

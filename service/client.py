@@ -130,6 +130,6 @@ class SaliencyClient:
 def overlay(image_rgb: np.ndarray, saliency: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """The map as a colour heat map over the image: uint8 ``(H, W, 3)`` RGB."""
     span = float(saliency.max() - saliency.min()) or 1.0
-    scaled = np.uint8(255 * (saliency - saliency.min()) / span)
+    scaled = (255 * (saliency - saliency.min()) / span).astype(np.uint8)
     heat = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    return np.uint8((1 - alpha) * image_rgb + alpha * heat)
+    return ((1 - alpha) * image_rgb + alpha * np.asarray(heat)).astype(np.uint8)

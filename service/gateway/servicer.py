@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
@@ -98,18 +98,18 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     def _observe(
         self,
         model: str,
-        timings: list[pb.StageTiming] | object,
-        explanations: list[pb.Explanation] | object,
+        timings: Iterable[pb.StageTiming],
+        explanations: Iterable[pb.Explanation],
         upstream_seconds: float,
     ) -> None:
         stage = self.metrics.stage_duration
         handler_total = 0.0
-        for timing in timings:  # type: ignore[attr-defined]
+        for timing in timings:
             if timing.stage in REQUEST_STAGES:
                 stage.labels(timing.stage, "all", model).observe(timing.seconds)
             if timing.stage == "total":
                 handler_total = timing.seconds
-        for explanation in explanations:  # type: ignore[attr-defined]
+        for explanation in explanations:
             name = pb.Method.Name(explanation.method).removeprefix("METHOD_").lower()
             stage.labels("explain", name, model).observe(explanation.seconds)
         # Time outside the handler: transport, TorchServe queueing and batching delay.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import cv2
 import numpy as np
@@ -72,7 +73,10 @@ def _decode_tensor(tensor: pb.Tensor, limits: Limits) -> np.ndarray:
     if len(shape) != 3 or shape[0] != 3:
         raise InvalidInputError(f"tensor shape must be (3, height, width), got {shape}")
     _check_size(shape[2], shape[1], limits)
-    dtypes = {pb.Tensor.DTYPE_FLOAT32: np.dtype("<f4"), pb.Tensor.DTYPE_UINT8: np.dtype(np.uint8)}
+    dtypes: dict[int, np.dtype[Any]] = {
+        pb.Tensor.DTYPE_FLOAT32: np.dtype("<f4"),
+        pb.Tensor.DTYPE_UINT8: np.dtype(np.uint8),
+    }
     if tensor.dtype not in dtypes:
         raise InvalidInputError("tensor dtype must be DTYPE_FLOAT32 or DTYPE_UINT8")
     dtype = dtypes[tensor.dtype]
@@ -105,7 +109,7 @@ def resize_map(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(saliency.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def encode_map(saliency: np.ndarray, encoding: int) -> pb.SaliencyMap:
+def encode_map(saliency: np.ndarray, encoding: pb.MapEncoding.ValueType) -> pb.SaliencyMap:
     """A float ``(H, W)`` map as 8-bit PNG with its range (default) or raw float16."""
     height, width = saliency.shape
     lo, hi = float(saliency.min()), float(saliency.max())
@@ -121,7 +125,7 @@ def encode_map(saliency: np.ndarray, encoding: int) -> pb.SaliencyMap:
     )
 
 
-def encode_mask(mask: np.ndarray, kind: int) -> pb.Mask:
+def encode_mask(mask: np.ndarray, kind: pb.MaskKind.ValueType) -> pb.Mask:
     """A boolean ``(H, W)`` mask as a 1-bit PNG."""
     height, width = mask.shape
     data = _png(mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_BILEVEL, 1])
@@ -140,12 +144,18 @@ def decode_map(saliency: pb.SaliencyMap) -> np.ndarray:
     shape = (saliency.height, saliency.width)
     if saliency.encoding == pb.MAP_ENCODING_FLOAT16:
         return np.frombuffer(saliency.data, dtype="<f2").reshape(shape).astype(np.float32)
-    pixels = cv2.imdecode(np.frombuffer(saliency.data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    pixels = _imdecode(saliency.data)
     span = saliency.value_max - saliency.value_min
     return (saliency.value_min + pixels.astype(np.float32) / 255.0 * span).astype(np.float32)
 
 
 def decode_mask(mask: pb.Mask) -> np.ndarray:
     """bool ``(H, W)`` of an encoded mask."""
-    pixels = cv2.imdecode(np.frombuffer(mask.png, np.uint8), cv2.IMREAD_GRAYSCALE)
-    return np.asarray(pixels > 127)
+    return np.asarray(_imdecode(mask.png) > 127)
+
+
+def _imdecode(data: bytes) -> np.ndarray:
+    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if pixels is None:
+        raise ValueError("not a PNG")
+    return np.asarray(pixels)

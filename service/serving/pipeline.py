@@ -24,7 +24,7 @@ from service.engine.errors import (
     ResourceLimitError,
     TargetOutOfRangeError,
 )
-from service.engine.registry import MethodSpec, list_methods
+from service.engine.registry import MethodSpec, ParamValue, list_methods
 from service.engine.scores import compute_scores
 from service.runtime.artifacts import ModelBundle
 from service.serving import codec
@@ -50,10 +50,10 @@ def method_name(value: int) -> str:
         raise InvalidInputError("method is unset: choose one of " + _known_methods())
     if value not in pb.Method.values():
         raise InvalidInputError(f"unknown method number {value}: choose one of {_known_methods()}")
-    return pb.Method.Name(value).removeprefix(_ENUM_PREFIX).lower()
+    return pb.Method.Name(pb.Method.ValueType(value)).removeprefix(_ENUM_PREFIX).lower()
 
 
-def method_enum(name: str) -> int:
+def method_enum(name: str) -> pb.Method.ValueType:
     return pb.Method.Value(_ENUM_PREFIX + name.upper())
 
 
@@ -64,7 +64,7 @@ def _known_methods() -> str:
 @dataclass
 class _Work:
     spec: MethodSpec
-    params: dict[str, object]
+    params: dict[str, ParamValue]
     target: int
 
 
@@ -294,7 +294,7 @@ class Explainer:
                 inputs,
                 targets,
                 spec.name,
-                params,  # type: ignore[arg-type]
+                params,
                 seed=int(live[0][0].request.seed),
                 deadline=min(deadlines) if deadlines else None,
             )
@@ -416,7 +416,7 @@ def _deadline_check(deadline: float | None) -> Callable[[], None] | None:
     return check
 
 
-def _mask_options(options: pb.MaskOptions) -> tuple[int, float, float, float]:
+def _mask_options(options: pb.MaskOptions) -> tuple[pb.MaskKind.ValueType, float, float, float]:
     kind = options.kind or pb.MASK_KIND_THRESHOLD
     if kind not in pb.MaskKind.values():
         raise InvalidInputError(f"unknown mask kind {kind}")
