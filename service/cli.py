@@ -216,6 +216,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
+    sys.argv = [f"bench.{args.suite}"]
     runpy.run_module(f"bench.{args.suite}", run_name="__main__")
     return 0
 

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): speed and quality tables written to bench/results/."""
