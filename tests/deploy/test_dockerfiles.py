@@ -109,16 +109,22 @@ def test_install_matches_the_makefile(dockerfile: Path) -> None:
 
 def test_gpu_image_swaps_in_cuda_builds() -> None:
     build, final = parse(DOCKER / "Dockerfile.gpu")
-    assert final.base.startswith("nvidia/cuda:12.") and "runtime" in final.base
+    # CUDA 13 runtime: the CUDA major of PyPI's onnxruntime-gpu and torch 2.13.0 builds.
+    assert re.match(r"nvidia/cuda:13\.\d+\.\d+-cudnn-runtime-ubuntu22\.04$", final.base)
     args = dict(a.split("=", 1) for a in build.all("ARG") if "=" in a)
-    assert re.fullmatch(r"https://download\.pytorch\.org/whl/cu12\d", args["TORCH_INDEX_URL"])
+    assert args["TORCH_INDEX_URL"] in (
+        "https://pypi.org/simple",
+        "https://download.pytorch.org/whl/cu130",
+    )
     runs = " && ".join(build.all("RUN"))
-    # onnxruntime-gpu of the very version pyproject pins for onnxruntime.
+    # onnxruntime-gpu of the very version pyproject pins for onnxruntime (unless overridden).
+    assert args["ORT_GPU_VERSION"] == ""
     assert 'm.version("onnxruntime")' in runs
     assert "pip uninstall -y onnxruntime" in runs
-    assert '"onnxruntime-gpu==${ORT_VERSION}"' in runs
+    assert '"onnxruntime-gpu==${ORT_GPU_VERSION:-${ORT_VERSION}}"' in runs
     assert runs.index("pip uninstall -y onnxruntime") < runs.index("onnxruntime-gpu==")
-    assert "torch.version.cuda" in runs
+    # The build fails unless torch is a CUDA build of the same CUDA major as ORT's.
+    assert "torch.version.cuda" in runs and "ort.cuda_version" in runs
     assert pyproject_pin("onnxruntime")  # the version the build reads back
 
 
