@@ -19,7 +19,7 @@ import yaml
 
 from tests.deploy.support import DOCKER, DOCKERFILES, K8S, REPO_ROOT
 
-RUNTIME_PACKAGES = {"python3.11", "openjdk-17-jre-headless"}
+RUNTIME_PACKAGES = {"python3.11", "openjdk-17-jre-headless", "tini"}
 BUILD_TOOLS = re.compile(
     r"\b(build-essential|gcc|g\+\+|make|cmake|git|curl|wget|[\w.+-]+-dev|python3\.11-venv)\b"
 )
@@ -165,14 +165,20 @@ def test_image_defaults_match_the_deployment(dockerfile: Path) -> None:
     (cmd,) = final.all("CMD")
     deployment = yaml.safe_load((K8S / "base" / "deployment.yaml").read_text())
     containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
-    assert shlex.split(entrypoint.strip("[]").replace(",", " ")) == ["saliency-serve"]
+    assert shlex.split(entrypoint.strip("[]").replace(",", " ")) == [
+        "/usr/bin/tini",
+        "--",
+        "saliency-serve",
+    ]
     assert shlex.split(cmd.strip("[]").replace(",", " ")) == containers["gateway"]["args"]
     assert containers["torchserve"]["args"][0] == "torchserve"
     env = " ".join(final.all("ENV"))
     for c in containers.values():
         for var in c.get("env", []):
-            if var["name"] in ("LOG_LOCATION", "SALIENCY_SERVE_CACHE"):
+            if var["name"] == "SALIENCY_SERVE_CACHE":
                 assert var["value"].startswith("/tmp/")
+    ts_args = containers["torchserve"]["args"]
+    assert ts_args[ts_args.index("--run-dir") + 1].startswith("/tmp/")
     assert "HOME=/tmp" in env
 
 

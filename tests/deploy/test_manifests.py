@@ -189,14 +189,14 @@ def test_requests_and_limits(rendered: Rendered, name: str) -> None:
 # --- probes --------------------------------------------------------------------------------
 
 
-def test_gateway_probes_are_native_grpc(rendered: Rendered) -> None:
+def test_gateway_probes(rendered: Rendered) -> None:
     gw = rendered.container("gateway")
-    grpc_port = _port(gw, "grpc")
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert gw[probe]["grpc"]["port"] == grpc_port, probe
-    assert gw["livenessProbe"]["grpc"].get("service", "") == ""
-    # Readiness asks for the API service itself (the one clients call).
+    # Readiness: native gRPC health check of the API service itself (the one clients call).
+    assert gw["readinessProbe"]["grpc"]["port"] == _port(gw, "grpc")
     assert gw["readinessProbe"]["grpc"]["service"] == _proto_service()
+    # Startup/liveness must not depend on TorchServe: the gRPC server accepting connections.
+    for probe in ("startupProbe", "livenessProbe"):
+        assert gw[probe]["tcpSocket"]["port"] == "grpc", probe
 
 
 def test_torchserve_probes_ping_inside_the_pod(rendered: Rendered) -> None:
@@ -233,6 +233,24 @@ def test_torchserve_listens_only_inside_the_pod_except_metrics(rendered: Rendere
     assert [p["name"] for p in ts["ports"]] == ["ts-metrics"]
     assert _arg(ts, "--config") == "/etc/torchserve/config.properties"
     assert _arg(ts, "--model-store") == config["model_store"]
+    assert config["disable_token_authorization"] == "true"  # safe: APIs on 127.0.0.1 only
+    assert config["install_py_dep_per_model"] == "false"
+
+
+def test_torchserve_config_agrees_with_the_launcher(rendered: Rendered) -> None:
+    """The ConfigMap replaces service/launcher.py's generated config: keep its contract."""
+    from service.gateway.upstream import MAX_MESSAGE_BYTES
+    from service.launcher import TorchServePorts
+
+    config = _torchserve_config(rendered)
+    ports = TorchServePorts()
+    assert config["inference_address"].endswith(f":{ports.inference}")
+    assert config["management_address"].endswith(f":{ports.management}")
+    assert config["metrics_address"].endswith(f":{ports.metrics}")
+    assert int(config["grpc_inference_port"]) == ports.grpc_inference
+    assert int(config["grpc_management_port"]) == ports.grpc_management
+    assert int(config["max_request_size"]) >= MAX_MESSAGE_BYTES
+    assert int(config["max_response_size"]) >= MAX_MESSAGE_BYTES
 
 
 def test_gateway_talks_to_local_torchserve(rendered: Rendered) -> None:
