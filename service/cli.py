@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -140,12 +139,20 @@ def cmd_torchserve(args: argparse.Namespace) -> int:
     server = TorchServe(
         args.model_store.resolve(), models, Path(args.run_dir).resolve(), config=args.config
     )
+
+    def stop(signum: int, frame: object) -> None:
+        # Kubernetes sends SIGTERM: stop the whole TorchServe process group, then exit.
+        server.stop()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     server.start()
     assert server.process is not None
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         return server.process.wait()
-    server.stop()
-    return 0
+    finally:
+        server.stop()
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
