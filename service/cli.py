@@ -78,8 +78,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.gateway.server import GatewayConfig
     from service.launcher import TorchServe, TorchServePorts
 
+    # SIGTERM (e.g. from a process manager) unwinds like Ctrl-C, through the finally below.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     mar = _ensure_default_archive(args.model_store)
-    ports = TorchServePorts()
+    ports = TorchServePorts.free() if args.free_torchserve_ports else TorchServePorts()
     torchserve = TorchServe(
         args.model_store.resolve(), {mar.stem: mar.name}, Path(args.run_dir).resolve(), ports
     )
@@ -239,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--run-dir", default=".cache/run")
     serve.add_argument("--port", type=int, default=50051)
     serve.add_argument("--metrics-port", type=int, default=9464)
+    serve.add_argument(
+        "--free-torchserve-ports",
+        action="store_true",
+        help="TorchServe on free loopback ports instead of 8080-8082/7070-7071",
+    )
     serve.set_defaults(func=cmd_serve)
 
     gateway = sub.add_parser("gateway", help="the gRPC gateway alone")
