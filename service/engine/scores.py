@@ -147,13 +147,20 @@ def _auc(
     kept_src = np.array([0 if name == "deletion" else i + 1 for i, name in enumerate(names)])
 
     per_image = len(names) * (steps + 1)
-    prob = np.empty(n * per_image, dtype=np.float64)
-    for start, stop in perturb.chunks(n * per_image, chunk_size, check):
+
+    def build(start: int, stop: int, out: np.ndarray) -> None:
         item, rest = np.divmod(np.arange(start, stop), per_image)
         curve, k = np.divmod(rest, steps + 1)
         changed = (rank[item] < cut[k, None]).reshape(-1, 1, h, w)
-        batch = np.where(changed, sources[changed_src[curve], item], sources[kept_src[curve], item])
-        logits = forward(batch)
+        out[...] = np.where(
+            changed, sources[changed_src[curve], item], sources[kept_src[curve], item]
+        )
+
+    prob = np.empty(n * per_image, dtype=np.float64)
+    for start, stop, _, logits in perturb.pipelined(
+        forward, n * per_image, chunk_size, images.shape[1:], build, check
+    ):
+        item = np.arange(start, stop) // per_image
         perturb.check_targets(targets[item], logits.shape[1])
         prob[start:stop] = perturb.pick(perturb.softmax(logits), targets[item])
     y = prob.reshape(n, len(names), steps + 1)
@@ -221,10 +228,16 @@ def mu_fidelity(
         base[start:stop] = perturb.pick(logits, targets[start:stop])
     drop = np.empty((n_subsets, n), dtype=np.float64)
     fill = np.float32(baseline)
-    for start, stop in perturb.chunks(n_subsets * n, chunk_size, check):
+
+    def build(start: int, stop: int, out: np.ndarray) -> None:
         subset, item = np.divmod(np.arange(start, stop), n)
-        batch = np.where(removed[subset][:, None], fill, images[item])
-        drop[subset, item] = base[item] - perturb.pick(forward(batch), targets[item])
+        out[...] = np.where(removed[subset][:, None], fill, images[item])
+
+    for start, stop, _, logits in perturb.pipelined(
+        forward, n_subsets * n, chunk_size, images.shape[1:], build, check
+    ):
+        subset, item = np.divmod(np.arange(start, stop), n)
+        drop[subset, item] = base[item] - perturb.pick(logits, targets[item])
     return _pearson(saliency_removed, drop)
 
 

@@ -89,18 +89,20 @@ def occlusion(
         perturb.check_targets(tgt[start:stop], logits.shape[1])
         base[start:stop] = perturb.pick(logits, tgt[start:stop])
 
-    sums = np.zeros((batch, height, width), dtype=np.float64)
-    total = batch * len(boxes)
-    buffer = np.empty((min(ctx.chunk_size, total), *images.shape[1:]), dtype=np.float32)
-    for start, stop in perturb.chunks(total, ctx.chunk_size, check):
-        index = np.arange(start, stop)
-        item, box = np.divmod(index, len(boxes))
-        chunk = buffer[: stop - start]
-        np.take(images, item, axis=0, out=chunk)
+    def build(start: int, stop: int, out: np.ndarray) -> None:
+        item, box = np.divmod(np.arange(start, stop), len(boxes))
+        np.take(images, item, axis=0, out=out)
         for row, k in enumerate(box):
             y0, y1, x0, x1 = boxes[k]
-            chunk[row, :, y0:y1, x0:x1] = baseline
-        drop = base[item] - perturb.pick(forward(chunk), tgt[item]).astype(np.float64)
+            out[row, :, y0:y1, x0:x1] = baseline
+
+    sums = np.zeros((batch, height, width), dtype=np.float64)
+    chunks = perturb.pipelined(
+        forward, batch * len(boxes), ctx.chunk_size, images.shape[1:], build, check
+    )
+    for start, stop, _, logits in chunks:
+        item, box = np.divmod(np.arange(start, stop), len(boxes))
+        drop = base[item] - perturb.pick(logits, tgt[item]).astype(np.float64)
         for row, (b, k) in enumerate(zip(item, box, strict=True)):
             y0, y1, x0, x1 = boxes[k]
             sums[b, y0:y1, x0:x1] += drop[row]

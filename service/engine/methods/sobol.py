@@ -112,31 +112,37 @@ def sobol(
         raise InvalidInputError(f"grid_size {grid_size} exceeds the {height}x{width} image")
     dims = grid_size * grid_size
     design = sobol_design(dims, n_designs, perturb.seed_from(ctx.generator))
-    design = design.reshape(-1, grid_size, grid_size)
     if batch == 0:
         return Attribution(maps=torch.zeros((0, height, width)))
 
-    # Nearest-neighbour upsampling (the authors' ``interpolate`` default) as an index map.
+    # Nearest-neighbour upsampling (the authors' ``interpolate`` default) as an index map;
+    # np.take keeps the masks C-contiguous (fancy indexing would not, and multiplying
+    # strided masks costs more than the forward).
     rows = (np.arange(height) * grid_size) // height
     cols = (np.arange(width) * grid_size) // width
+    cell_of = rows[:, None] * grid_size + cols[None, :]
     substrate: np.ndarray | None = None
     delta = images
     if perturbation == "blurring":
         substrate = np.stack([_box_blur(img) for img in images])
         delta = images - substrate  # x*m + s*(1-m) = s + (x - s)*m
 
-    n_masks = design.shape[0]
-    outputs = np.empty((n_masks, batch), dtype=np.float64)
-    total = n_masks * batch
-    buffer = np.empty((min(ctx.chunk_size, total), *images.shape[1:]), dtype=np.float32)
-    for start, stop in perturb.chunks(total, ctx.chunk_size, ctx.check_deadline):
+    def build(start: int, stop: int, out: np.ndarray) -> None:
+        # Mask-major order: consecutive samples share a design point, as in RISE.
+        masks = np.take(design[np.arange(start, stop) // batch], cell_of, axis=1)  # (n, H, W)
+        perturb.masked_into(out, delta, masks, start, substrate)
+
+    outputs = np.empty((design.shape[0], batch), dtype=np.float64)
+    chunks = perturb.pipelined(
+        forward,
+        design.shape[0] * batch,
+        ctx.chunk_size,
+        images.shape[1:],
+        build,
+        ctx.check_deadline,
+    )
+    for start, stop, _, logits in chunks:
         mask_of, item = np.divmod(np.arange(start, stop), batch)
-        masks = design[mask_of][:, rows][:, :, cols]  # (n, H, W)
-        chunk = buffer[: stop - start]
-        np.multiply(delta[item], masks[:, None], out=chunk)
-        if substrate is not None:
-            chunk += substrate[item]
-        logits = forward(chunk)
         perturb.check_targets(tgt[item], logits.shape[1])
         outputs[mask_of, item] = perturb.pick(logits, tgt[item])
 
