@@ -134,24 +134,27 @@ def masked_into(
     start: int,
     offset: np.ndarray | None = None,
 ) -> None:
-    """``out[r] = offset[i] + images[i] * masks[r]`` for samples in mask-major order.
+    """Fill a chunk of mask-major samples: ``out[r] = offset[i] + images[i] * mask[m]``.
 
-    Sample ``start + r`` of a chunk pairs mask ``r`` with image ``i = (start + r) % B``, so
-    the rows of one image are a strided slice and each image is multiplied straight into
-    the buffer: one pass over memory, no gathered copy of the images.
+    Sample ``s = start + r`` pairs mask ``m = s // B`` with image ``i = s % B``. The rows
+    of one image are then a strided slice of ``out`` whose masks are consecutive, so each
+    image is multiplied straight into the buffer: one pass over memory, no gathered copy
+    of images or masks.
 
     Args:
         out: ``(n, C, H, W)`` buffer to fill.
         images: ``(B, C, H, W)``.
-        masks: ``(n, H, W)``, one per row of ``out``.
+        masks: ``(M, H, W)``: the masks ``start // B .. (start + n - 1) // B``.
         start: flat index of the chunk's first sample.
         offset: ``(B, C, H, W)`` added afterwards (a substrate), or ``None``.
     """
-    batch = images.shape[0]
-    for r in range(min(batch, out.shape[0])):
+    batch, n = images.shape[0], out.shape[0]
+    for r in range(min(batch, n)):
         item = (start + r) % batch
         rows = slice(r, None, batch)
-        np.multiply(images[item], masks[rows, None], out=out[rows])
+        first = (start + r) // batch - start // batch
+        count = len(range(r, n, batch))
+        np.multiply(images[item], masks[first : first + count, None], out=out[rows])
         if offset is not None:
             out[rows] += offset[item]
 

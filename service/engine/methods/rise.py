@@ -120,9 +120,8 @@ def rise(
     def build(start: int, stop: int, out: np.ndarray) -> np.ndarray:
         # Mask-major order: consecutive samples share a mask, so a chunk upsamples each of
         # its masks once however many images the batch holds.
-        first, last = start // batch, (stop - 1) // batch
-        mask_chunk = masks(first, last + 1)
-        perturb.masked_into(out, images, mask_chunk[np.arange(start, stop) // batch - first], start)
+        mask_chunk = masks(start // batch, (stop - 1) // batch + 1)
+        perturb.masked_into(out, images, mask_chunk, start)
         return mask_chunk
 
     sal = np.zeros((batch, height * width), dtype=np.float64)

@@ -129,7 +129,8 @@ def sobol(
 
     def build(start: int, stop: int, out: np.ndarray) -> None:
         # Mask-major order: consecutive samples share a design point, as in RISE.
-        masks = np.take(design[np.arange(start, stop) // batch], cell_of, axis=1)  # (n, H, W)
+        points = design[start // batch : (stop - 1) // batch + 1]
+        masks = np.take(points, cell_of, axis=1)  # (M, H, W), C-contiguous
         perturb.masked_into(out, delta, masks, start, substrate)
 
     outputs = np.empty((design.shape[0], batch), dtype=np.float64)
