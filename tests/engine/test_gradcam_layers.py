@@ -13,7 +13,7 @@ from torch import nn
 from service.engine.engine import Engine
 from service.engine.errors import InvalidInputError, UnsupportedMethodError
 from service.engine.layers import capture_activations, find_last_spatial_layer, resolve_layer
-from service.models.net import SaliencyNet
+from tests.engine.conftest import ModelCase
 from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, all_hooks, images
 
 
@@ -128,8 +128,6 @@ def test_find_last_spatial_layer() -> None:
     # The block's ReLU made the last spatial tensor; the containers only pass it on.
     assert find_last_spatial_layer(model, (3, SIZE, SIZE)) == "features.2.2"
     assert all_hooks(model) == []
-    net = SaliencyNet(num_classes=4)
-    assert find_last_spatial_layer(net, (3, 64, 64)) == "features.5.2"
     engine = Engine(model, target_layer="auto", input_shape=(3, SIZE, SIZE))
     assert engine.target_layer is model.features.get_submodule("2.2")
 
@@ -149,4 +147,18 @@ def test_find_last_spatial_layer_without_one() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(UnsupportedMethodError):
         find_last_spatial_layer(model, (3, 2, 2))
+    assert all_hooks(model) == []
+
+
+def test_detected_layer_of_the_default_model_gives_its_cam(default_case: ModelCase) -> None:
+    """Auto-detection lands on the configured CAM layer or a module with the same output."""
+    model = default_case.model
+    detected = find_last_spatial_layer(model, default_case.input_shape)
+    x = images(1, size=default_case.input_shape[-1])
+    outputs = []
+    for name in (detected, default_case.target_layer):
+        with torch.no_grad(), capture_activations(resolve_layer(model, name)) as capture:
+            model(x)
+        outputs.append(capture.single())
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
     assert all_hooks(model) == []

@@ -54,13 +54,21 @@ def quadrature(integration: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     if integration == "gauss_legendre":
         nodes, weights = np.polynomial.legendre.leggauss(n)
         return 0.5 * (nodes + 1.0), 0.5 * weights
+    # Riemann nodes exactly as Captum makes them (float32 linspace): a ReLU network's
+    # gradient jumps where a unit switches, so a one-ulp shift of a path point can move an
+    # attribution by far more than rounding would.
+    first, last = {
+        "riemann_trapezoid": (0.0, 1.0),
+        "riemann_left": (0.0, 1.0 - 1.0 / n),
+        "riemann_middle": (1.0 / (2 * n), 1.0 - 1.0 / (2 * n)),
+        "riemann_right": (1.0 / n, 1.0),
+    }[integration]
+    nodes = torch.linspace(first, last, n).double().numpy()
     weights = np.full(n, 1.0 / n)
     if integration == "riemann_trapezoid":
         weights = np.full(n, 1.0 / (n - 1))
         weights[[0, -1]] *= 0.5
-        return np.linspace(0.0, 1.0, n), weights
-    offset = {"riemann_left": 0.0, "riemann_middle": 0.5, "riemann_right": 1.0}[integration]
-    return (np.arange(n) + offset) / n, weights
+    return nodes, weights
 
 
 def _with_ends(
