@@ -311,4 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Exit only on failure: bench.run executes suites in one process via runpy, and a
+    # SystemExit(0) would end the run before the suites after this one.
+    if code := main():
+        sys.exit(code)
