@@ -18,6 +18,7 @@ from service.engine.methods.integrated_gradients import (
 )
 from service.engine.registry import ParamValue
 from service.engine.types import ExplainContext
+from tests.engine.conftest import ModelCase
 from tests.engine.nets import SIZE, TinyCnn, images
 
 
@@ -134,3 +135,18 @@ def test_uniform_baseline_depends_on_seed(tiny_engine: Engine) -> None:
     c = tiny_engine.explain(images(1), [1], "integrated_gradients", params, seed=1).maps
     assert not torch.allclose(a, b)
     torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("integration", ["gauss_legendre", "riemann_trapezoid"])
+def test_completeness_error_shrinks_on_the_default_model(
+    default_case: ModelCase, integration: str
+) -> None:
+    engine = Engine(default_case.model, input_shape=default_case.input_shape, chunk_size=64)
+    x = images(1, seed=6, size=default_case.input_shape[-1])
+    errors = []
+    for n_steps in (8, 32, 128):
+        params: dict[str, ParamValue] = {"n_steps": n_steps, "integration": integration}
+        result = engine.explain(x, None, "integrated_gradients", params)
+        assert result.completeness_error is not None
+        errors.append(float(result.completeness_error.mean()))
+    assert errors[0] > errors[1] > errors[2]
