@@ -313,6 +313,20 @@ def test_a_deadline_passing_mid_way_stops_the_work(region_forward: OnnxForward, 
 
 
 @pytest.mark.parametrize("name", PERTURBATION_METHODS)
+def test_forwards_go_in_chunks_of_the_context_size(region_forward: OnnxForward, name: str) -> None:
+    sizes: list[int] = []
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        sizes.append(len(x))
+        return region_forward(x)
+
+    explain(name, forward, images(2), torch.tensor([0, 0]), chunk_size=8)
+    assert max(sizes) == 8
+    # Only the last chunk of a pass may be short (occlusion has two passes).
+    assert sum(size < 8 for size in sizes) <= (2 if name == "occlusion" else 1)
+
+
+@pytest.mark.parametrize("name", PERTURBATION_METHODS)
 def test_a_target_outside_the_logits_is_rejected(region_forward: OnnxForward, name: str) -> None:
     with pytest.raises(TargetOutOfRangeError):
         explain(name, region_forward, images(1), torch.tensor([2]))
