@@ -48,8 +48,15 @@ def smooth_engine() -> Engine:
     return Engine(TinyCnn(seed=5, act=nn.Softplus), input_shape=(3, SIZE, SIZE), chunk_size=64)
 
 
-@pytest.mark.parametrize("integration", ["gauss_legendre", "riemann_middle", "riemann_trapezoid"])
-@pytest.mark.parametrize("baseline", ["black", "uniform"])
+@pytest.mark.parametrize(
+    ("integration", "baseline"),
+    [
+        ("gauss_legendre", "black"),
+        ("gauss_legendre", "uniform"),
+        ("riemann_middle", "black"),
+        ("riemann_trapezoid", "black"),
+    ],
+)
 def test_completeness_error_shrinks_with_steps(
     smooth_engine: Engine, integration: str, baseline: str
 ) -> None:
