@@ -85,7 +85,16 @@ class TorchServe:
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_dir = self.run_dir / "logs"
-        env = {**os.environ, "LOG_LOCATION": str(log_dir), "METRICS_LOCATION": str(log_dir)}
+        # TorchServe keeps its pid file in $TMPDIR and refuses to start while it names a live
+        # process: a private TMPDIR lets instances (tests beside `make serve`) coexist.
+        private_tmp = self.run_dir / "tmp"
+        private_tmp.mkdir(exist_ok=True)
+        env = {
+            **os.environ,
+            "LOG_LOCATION": str(log_dir),
+            "METRICS_LOCATION": str(log_dir),
+            "TMPDIR": str(private_tmp),
+        }
         command = [
             str(Path(sys.executable).parent / "torchserve"),
             "--start",

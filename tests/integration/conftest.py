@@ -14,7 +14,7 @@ import pytest
 
 from service.archive import BatchConfig, build_default_archive
 from service.client import SaliencyClient
-from service.gateway.server import Gateway, GatewayConfig
+from service.gateway.server import Gateway, GatewayConfig, start_gateway
 from service.launcher import TorchServe, TorchServePorts
 from service.models.synthetic import generate
 
@@ -73,8 +73,8 @@ def gateway(torchserve: TorchServe) -> Iterator[RunningGateway]:
         models=("shapes",),
         health_interval_s=0.5,
     )
-    gateway = Gateway(config)
-    asyncio.run_coroutine_threadsafe(gateway.start(), loop).result(30)
+    # grpc.aio objects belong to the loop they are made on: make them on the gateway's loop.
+    gateway = asyncio.run_coroutine_threadsafe(start_gateway(config), loop).result(30)
     try:
         yield RunningGateway(gateway, loop)
     finally:

@@ -29,19 +29,23 @@ def _lines(process: subprocess.Popen[str]) -> "queue.Queue[str]":
     return lines
 
 
-def _wait_for(lines: "queue.Queue[str]", pattern: str, timeout: float) -> re.Match[str]:
+def _wait_for(
+    lines: "queue.Queue[str]", pattern: str, timeout: float, process: subprocess.Popen[str]
+) -> re.Match[str]:
     end = time.monotonic() + timeout
     seen = []
     while time.monotonic() < end:
         try:
             line = lines.get(timeout=1)
         except queue.Empty:
+            if process.poll() is not None and lines.empty():
+                break
             continue
         seen.append(line)
         match = re.search(pattern, line)
         if match:
             return match
-    raise AssertionError(f"no line matching {pattern!r} in {timeout}s; output: {''.join(seen)}")
+    raise AssertionError(f"no line matching {pattern!r}; output: {''.join(seen)}")
 
 
 def _listening(port: int) -> bool:
@@ -78,13 +82,15 @@ def test_serve_runs_torchserve_and_gateway_and_stops_both_on_ctrl_c(
     )
     try:
         lines = _lines(process)
-        ts_port = int(_wait_for(lines, r"TorchServe: gRPC 127\.0\.0\.1:(\d+)", 240).group(1))
-        port = int(_wait_for(lines, r"gateway: gRPC [\d.]+:(\d+)", 60).group(1))
+        ts_port = int(
+            _wait_for(lines, r"TorchServe: gRPC 127\.0\.0\.1:(\d+)", 240, process).group(1)
+        )
+        port = int(_wait_for(lines, r"gateway: gRPC [\d.]+:(\d+)", 60, process).group(1))
         with SaliencyClient(f"127.0.0.1:{port}") as client:
             assert client.predict(samples[0][0]).predictions[0].index == samples[0][1]
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
-        _wait_for(lines, "stopping TorchServe", 5)
+        _wait_for(lines, "stopping TorchServe", 5, process)
         assert not _listening(port)
         assert not _listening(ts_port)
     finally:
