@@ -103,7 +103,7 @@ def optimize_for_inference(
         report.channels_last_gain = gain
         use_nhwc = gain >= CHANNELS_LAST_MIN_GAIN
     if use_nhwc:
-        optimized = optimized.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        optimized = _to_channels_last(optimized)
         report.channels_last = True
     return optimized.eval().requires_grad_(False)
 
@@ -308,6 +308,45 @@ def _differs(
     return None
 
 
+# -- channels last ------------------------------------------------------------------------
+
+
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity forward; the backward hands the gradient on in channels-last layout."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+class ChannelsLastGradPool(nn.AdaptiveAvgPool2d):
+    """``AdaptiveAvgPool2d`` whose input gradient comes back channels-last.
+
+    The pooling backward writes an NCHW gradient, while the ReLU before it saved its
+    output channels-last; ``threshold_backward`` over two layouts runs an elementwise loop
+    that is tens of times slower than over one (0.13 ms vs 5 ms for 1M floats on this
+    CPU). One reorder here keeps every ReLU backward on the fast path.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(_ChannelsLastGrad.apply(input))
+
+
+def _to_channels_last(model: nn.Module) -> nn.Module:
+    """``model`` (in place) with 4-D weights channels-last and its global pools swapped."""
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for name, module in list(model.named_modules()):
+        if name and type(module) is nn.AdaptiveAvgPool2d:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, ChannelsLastGradPool(module.output_size))
+    return model
+
+
 # -- timing -----------------------------------------------------------------------------
 
 
@@ -355,7 +394,7 @@ def _channels_last_gain(
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return 0.0
     inputs = _example(shape, device, dtype, seed=2)
-    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    nhwc = _to_channels_last(copy.deepcopy(model))
     t_nchw, t_nhwc = _time_interleaved(
         [_gradient_pass(model, inputs), _gradient_pass(nhwc, inputs)], device
     )
