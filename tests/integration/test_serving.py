@@ -216,3 +216,22 @@ def test_metrics_are_exported(gateway, client: SaliencyClient, samples) -> None:
     )
     assert "saliency_requests_in_flight 0.0" in text
     assert "saliency_upstream_ready 1.0" in text
+
+
+def test_sobol_past_its_deadline_stops_and_the_next_request_is_served_at_once(
+    client: SaliencyClient,
+    samples,  # type: ignore[no-untyped-def]
+) -> None:
+    import time
+
+    data = samples[7][0]
+    # Sobol on 3 targets is 6336 forwards, ~20 s here: the 8 s bound below only holds if
+    # the worker stopped at the deadline instead of finishing first.
+    with pytest.raises(grpc.RpcError) as caught:
+        client.explain(data, methods=["sobol"], top_k=3, timeout=1.0)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    start = time.perf_counter()
+    reply = client.explain(data, methods=["vanilla_gradient"], timeout=30)
+    elapsed = time.perf_counter() - start
+    assert reply.explanations
+    assert elapsed < 8.0, f"next request waited {elapsed:.1f}s behind the expired Sobol"
