@@ -23,7 +23,10 @@ class TargetOutOfRangeError(InvalidInputError):
 
 
 class UnsupportedMethodError(EngineError):
-    """The method exists but this model cannot run it, e.g. CAM with no layer (FAILED_PRECONDITION)."""
+    """The method exists but this model cannot run it, e.g. CAM without a layer.
+
+    Maps to FAILED_PRECONDITION.
+    """
 
 
 class ResourceLimitError(EngineError):
