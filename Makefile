@@ -45,7 +45,8 @@ protos: $(VENV)/.installed
 	$(BIN)/python -m service.protogen
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check service handlers tests bench
+	$(BIN)/ruff check --no-cache service handlers tests bench
+	$(BIN)/ruff format --check --no-cache service handlers tests bench
 	$(BIN)/mypy service handlers
 	$(BIN)/python -m service.protogen --check
 

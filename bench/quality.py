@@ -127,8 +127,11 @@ def run(n_images: int) -> str:
             f"| `{name}` | {point:.3f} | {t_iou:.3f} | {g_iou:.3f} | {deletion:.3f} | "
             f"{insertion:.3f} | {ms:.1f} |"
         )
-    lines += ["", "Grid: `quality_grid.png` (rows: images; columns: image, ground truth, then per "
-              "method its map and its GrabCut mask)."]
+    lines += [
+        "",
+        "Grid: `quality_grid.png` (rows: images; columns: image, ground truth, then per "
+        "method its map and its GrabCut mask).",
+    ]
     return "\n".join(lines) + "\n"
 
 
