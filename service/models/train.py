@@ -105,27 +105,36 @@ def _batches(cfg: TrainConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     numpy and OpenCV release the GIL, so generation overlaps the torch step; the seeds do
     not depend on timing, so the stream is deterministic.
     """
-    q: queue.Queue[tuple[torch.Tensor, torch.Tensor]] = queue.Queue(maxsize=3)
+    q: queue.Queue[tuple[torch.Tensor, torch.Tensor] | BaseException] = queue.Queue(maxsize=3)
     stop = threading.Event()
 
-    def produce() -> None:
-        for step in range(cfg.steps):
-            batch = synthetic.generate(cfg.batch_size, cfg.train_seed_base + step, cfg.image_size)
-            item = (to_tensor(batch.images), torch.from_numpy(batch.labels))
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
+    def put(item: tuple[torch.Tensor, torch.Tensor] | BaseException) -> None:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
                 return
+            except queue.Full:
+                continue
+
+    def produce() -> None:
+        try:
+            for step in range(cfg.steps):
+                if stop.is_set():
+                    return
+                seed = cfg.train_seed_base + step
+                batch = synthetic.generate(cfg.batch_size, seed, cfg.image_size)
+                put((to_tensor(batch.images), torch.from_numpy(batch.labels)))
+        except BaseException as exc:  # handed to the training loop, which re-raises it
+            put(exc)
 
     thread = threading.Thread(target=produce, name="synthetic-batches", daemon=True)
     thread.start()
     try:
         for _ in range(cfg.steps):
-            yield q.get()
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
     finally:
         stop.set()
         thread.join()
@@ -152,6 +161,13 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch: in
     return correct / max(len(images), 1)
 
 
+def _available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def train(cfg: TrainConfig | None = None, progress: bool = True) -> TrainResult:
     """Train SaliencyNet from scratch on synthetic shapes.
 
@@ -165,7 +181,7 @@ def train(cfg: TrainConfig | None = None, progress: bool = True) -> TrainResult:
     cfg = cfg or TrainConfig()
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    torch.set_num_threads(_available_cores())
     try:
         # A private RNG stream: training is reproducible and leaves the caller's seed alone.
         with torch.random.fork_rng(devices=[]):

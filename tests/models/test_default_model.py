@@ -164,3 +164,19 @@ def test_concurrent_callers_train_once(tmp_path: Path, monkeypatch: pytest.Monke
         t.join()
     assert results == [target, target]
     assert len(calls) == 1
+
+
+def test_generator_failure_stops_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The batch thread must hand its error to the training loop, not leave it waiting.
+    from service.models import train as train_mod
+
+    real = train_mod.synthetic.generate
+
+    def broken(n: int, seed: int, size: int = 128) -> Any:
+        if seed >= TINY.train_seed_base + 1:  # the second training batch
+            raise RuntimeError("generator broke")
+        return real(n, seed, size)
+
+    monkeypatch.setattr(train_mod.synthetic, "generate", broken)
+    with pytest.raises(RuntimeError, match="generator broke"):
+        train_mod.train(TINY, progress=False)
