@@ -33,12 +33,11 @@ java:
 	  echo "installing OpenJDK 17 (TorchServe needs it)"; \
 	  (apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless) >/dev/null; }
 
-$(MODEL_STORE)/shapes.mar: | $(VENV)/.installed
+# The CLI rebuilds the archive only when absent or when the trained model changed.
+archive: $(VENV)/.installed
 	$(BIN)/saliency-serve archive --default --out $(MODEL_STORE)
 
-archive: $(MODEL_STORE)/shapes.mar
-
-serve: install $(MODEL_STORE)/shapes.mar
+serve: install
 	$(BIN)/saliency-serve serve --model-store $(MODEL_STORE)
 
 protos: $(VENV)/.installed

@@ -50,7 +50,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def run(n_images: int) -> str:
+def run(n_images: int, n_forward_only: int) -> str:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model, meta = load_default_model()
     input_size = tuple(meta["input_size"])
@@ -69,31 +69,35 @@ def run(n_images: int) -> str:
     rows = []
     grid_maps: dict[str, np.ndarray] = {}
     for spec in list_methods():
+        # Forward-only methods cost thousands of forwards per image: a subset keeps the
+        # suite within minutes (the row says how many images it used).
+        n = n_images if spec.backend == "torch" else min(n_images, n_forward_only)
         start = time.perf_counter()
         maps = np.concatenate(
             [
                 engine.explain(
-                    torch.from_numpy(pixels[i : i + CHUNK]),
-                    torch.from_numpy(labels[i : i + CHUNK]),
+                    torch.from_numpy(pixels[i : min(i + CHUNK, n)]),
+                    torch.from_numpy(labels[i : min(i + CHUNK, n)]),
                     spec.name,
                     seed=0,
                 ).maps.numpy()
-                for i in range(0, n_images, CHUNK)
+                for i in range(0, n, CHUNK)
             ]
         )
-        seconds = (time.perf_counter() - start) / n_images
-        hits = pointing_hits(maps, data.masks, TOLERANCE_PX)
+        seconds = (time.perf_counter() - start) / n
+        hits = pointing_hits(maps, data.masks[:n], TOLERANCE_PX)
         threshold = [masks.threshold_mask(m) for m in maps]
-        grabcut = [masks.grabcut_mask(img, m) for img, m in zip(data.images, maps, strict=True)]
+        grabcut = [masks.grabcut_mask(img, m) for img, m in zip(data.images[:n], maps, strict=True)]
         scores = compute_scores(
-            forward, pixels, maps, labels, ["deletion_auc", "insertion_auc"], chunk_size=64
+            forward, pixels[:n], maps, labels[:n], ["deletion_auc", "insertion_auc"], chunk_size=64
         )
         rows.append(
             (
                 spec.name,
+                n,
                 hits.mean(),
-                np.mean([iou(m, t) for m, t in zip(threshold, data.masks, strict=True)]),
-                np.mean([iou(m, t) for m, t in zip(grabcut, data.masks, strict=True)]),
+                np.mean([iou(m, t) for m, t in zip(threshold, data.masks[:n], strict=True)]),
+                np.mean([iou(m, t) for m, t in zip(grabcut, data.masks[:n], strict=True)]),
                 scores["deletion_auc"].mean(),
                 scores["insertion_auc"].mean(),
                 seconds * 1000,
@@ -110,7 +114,7 @@ def run(n_images: int) -> str:
         f"{accuracy:.3f}; {n_images} images (seed {HELD_OUT_SEED}), target = true class.",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}. Command: `python -m bench.quality "
-        f"--images {n_images}`.",
+        f"--images {n_images} --forward-only-images {n_forward_only}`.",
         "",
         "Pointing game: hit when the map's maximum lies within "
         f"{TOLERANCE_PX} px of the object. IoU: mean over images of the mask against the "
@@ -118,13 +122,13 @@ def run(n_images: int) -> str:
         "above the 0.95 and below the 0.30 quantile). Deletion (lower is better) and "
         "insertion (higher is better): AUC of the true-class probability, RISE's definitions.",
         "",
-        "| method | pointing game | threshold IoU | GrabCut IoU | deletion AUC | insertion AUC "
-        "| ms / image |",
-        "|---|---|---|---|---|---|---|",
+        "| method | images | pointing game | threshold IoU | GrabCut IoU | deletion AUC "
+        "| insertion AUC | ms / image |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, point, t_iou, g_iou, deletion, insertion, ms in rows:
+    for name, n, point, t_iou, g_iou, deletion, insertion, ms in rows:
         lines.append(
-            f"| `{name}` | {point:.3f} | {t_iou:.3f} | {g_iou:.3f} | {deletion:.3f} | "
+            f"| `{name}` | {n} | {point:.3f} | {t_iou:.3f} | {g_iou:.3f} | {deletion:.3f} | "
             f"{insertion:.3f} | {ms:.1f} |"
         )
     lines += [
@@ -159,9 +163,12 @@ def write_grid(images: np.ndarray, truth: np.ndarray, maps: dict[str, np.ndarray
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument(
+        "--forward-only-images", type=int, default=40, help="images for occlusion/RISE/Sobol"
+    )
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = run(args.images)
+    report = run(args.images, args.forward_only_images)
     (RESULTS / "quality.md").write_text(report)
     print(report)
 

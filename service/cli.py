@@ -25,12 +25,12 @@ def _size(text: str) -> tuple[int, int, int]:
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from service.archive import build_archive, build_default_archive
+    from service.archive import build_archive
     from service.runtime.export import ParityError
 
     try:
         if args.default:
-            path = build_default_archive(args.out)
+            path = _ensure_default_archive(args.out)
         else:
             if not (args.labels and args.input_size and args.name):
                 print("archive: --name, --labels and --input-size are required", file=sys.stderr)
@@ -65,12 +65,17 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def _ensure_default_archive(store: Path) -> Path:
+    """The default archive, rebuilt when the trained default model changed since."""
     from service.archive import DEFAULT_NAME, build_default_archive
+    from service.models.default import ensure_default_model
 
     mar = store / f"{DEFAULT_NAME}.mar"
-    if not mar.exists():
-        print(f"building the default model archive into {mar} (once)...", flush=True)
+    trained = json.loads((ensure_default_model() / "meta.json").read_text())["version"]
+    stamp = store / f"{DEFAULT_NAME}.mar.source"
+    if not mar.exists() or not stamp.exists() or stamp.read_text() != trained:
+        print(f"building the default model archive into {mar}...", flush=True)
         build_default_archive(store)
+        stamp.write_text(trained)
     return mar
 
 
@@ -161,6 +166,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import cv2
     import grpc
 
+    from service._proto.saliency.v1 import saliency_pb2 as pb
     from service.client import SaliencyClient, decode_map, decode_mask, overlay
     from service.serving.pipeline import method_name
 
@@ -206,7 +212,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
             if item.HasField("completeness_error")
             else ""
         )
-        scores = " ".join(f"{s.score}={s.value:.3f}" for s in item.scores)
+        scores = " ".join(
+            f"{pb.Score.Name(s.score).removeprefix('SCORE_').lower()}={s.value:.3f}"
+            for s in item.scores
+        )
         print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
     cv2.imwrite(str(args.out / "overview.png"), cv2.cvtColor(cv2.hconcat(tiles), cv2.COLOR_RGB2BGR))
     print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
