@@ -135,7 +135,9 @@ class SaliencyHandler:
             elif "request" in data[index]:
                 replies[index] = response.SerializeToString()
             else:
-                replies[index] = json.dumps(json_format.MessageToDict(response))
+                replies[index] = json.dumps(
+                    json_format.MessageToDict(response, preserving_proto_field_name=True)
+                )
 
     def _events(self, jobs: list[Job], where: dict[int, tuple[int, bool]], context: Any):  # type: ignore[no-untyped-def]
         assert self.explainer is not None
