@@ -9,6 +9,7 @@ Inputs (one key per request; TorchServe gRPC ``input`` map or HTTP form fields):
     data / body  image bytes -> JSON: predictions, base64 PNG maps and masks; optional keys
                  ``methods`` (comma-separated registry names), ``top_k``, ``mask``
     deadline_unix_ms  optional absolute deadline; work stops there (DEADLINE_EXCEEDED)
+    request_id   optional uuid4 hex; once the gateway marks it cancelled, work stops
 
 TorchServe fails a whole batch or none of it, so a per-request error travels in the reply
 (``error`` field, or ``{"error": ...}`` in JSON) and the gateway turns it into a status.
@@ -20,6 +21,7 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from google.protobuf import json_format
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.errors import EngineError, InvalidInputError
 from service.runtime.artifacts import load_bundle
+from service.serving.cancel import CancelBoard
 from service.serving.limits import Limits
 from service.serving.pipeline import Event, Explainer, Job, method_enum
 from service.serving.status import code_name
@@ -45,6 +48,7 @@ class SaliencyHandler:
 
     def __init__(self) -> None:
         self.explainer: Explainer | None = None
+        self.cancels = CancelBoard()
         self.initialized = False
 
     def initialize(self, context: Any) -> None:
@@ -78,7 +82,11 @@ class SaliencyHandler:
             elif kind == "predict":
                 predicts.append((index, message))  # type: ignore[arg-type]
             else:
-                job = Job(request=message, deadline=_deadline(item))  # type: ignore[arg-type]
+                job = Job(
+                    request=message,  # type: ignore[arg-type]
+                    deadline=_deadline(item),
+                    cancelled=self._cancelled(item),
+                )
                 explain.append((index, job, stream))
         if predicts:
             for (index, _), response in zip(
@@ -88,6 +96,12 @@ class SaliencyHandler:
         if explain:
             self._explain(data, explain, replies, context)
         return [r if r is not None else b"" for r in replies]
+
+    def _cancelled(self, item: dict[str, Any]) -> Callable[[], bool] | None:
+        request_id = _text(item.get("request_id"))
+        if not request_id:
+            return None
+        return lambda: self.cancels.is_cancelled(request_id)
 
     def _parse(self, item: dict[str, Any]) -> tuple[str, Any, bool]:
         stream = _text(item.get("stream")) == "true"

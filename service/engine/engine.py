@@ -8,7 +8,7 @@ generator, its captured activations -- is created inside that call.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -110,6 +110,7 @@ class Engine:
         *,
         seed: int = 0,
         deadline: float | None = None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> Attribution:
         """Saliency maps for a batch.
 
@@ -122,6 +123,8 @@ class Engine:
             seed: seeds the call's own generator; same seed, same result.
             deadline: ``time.monotonic()`` after which the work stops with
                 ``DeadlineExceededError``.
+            cancelled: polled between chunks; once it returns True the work stops with
+                ``CancelledError``.
 
         Returns:
             The method's :class:`Attribution`, maps float32 ``(B, H, W)`` on the model's
@@ -144,8 +147,10 @@ class Engine:
             target_layer=self.target_layer,
             generator=torch.Generator().manual_seed(seed),
             deadline=deadline,
+            cancelled=cancelled,
             chunk_size=self.chunk_size,
         )
+        ctx.check_deadline()
         result = spec.fn(ctx, inputs, target_index, **resolved)
         batch, _, height, width = inputs.shape
         if tuple(result.maps.shape) != (batch, height, width):

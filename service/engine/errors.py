@@ -33,5 +33,9 @@ class ResourceLimitError(EngineError):
     """The request would exceed a configured limit: pixels, samples, batch (RESOURCE_EXHAUSTED)."""
 
 
+class CancelledError(EngineError):
+    """The caller went away; the work it started stops (CANCELLED)."""
+
+
 class DeadlineExceededError(EngineError):
     """The request's deadline passed before the work finished (DEADLINE_EXCEEDED)."""

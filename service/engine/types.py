@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.engine.errors import DeadlineExceededError
+from service.engine.errors import CancelledError, DeadlineExceededError
 
 NumpyForward = Callable[[np.ndarray], np.ndarray]
 """Forward-only model: float32 ``(N, C, H, W)`` pixels in ``[0, 1]`` -> ``(N, classes)`` logits."""
@@ -26,6 +26,7 @@ class ExplainContext:
         target_layer: the module CAM methods hook, or ``None``.
         generator: seeded per request; the only source of randomness a method may use.
         deadline: ``time.monotonic()`` value after which work must stop, or ``None``.
+        cancelled: returns True once the caller has gone away, or ``None``.
         chunk_size: how many perturbed samples go through the model in one pass.
     """
 
@@ -34,10 +35,13 @@ class ExplainContext:
     target_layer: torch.nn.Module | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     deadline: float | None = None
+    cancelled: Callable[[], bool] | None = None
     chunk_size: int = 32
 
     def check_deadline(self) -> None:
-        """Raise ``DeadlineExceededError`` once the deadline has passed; call between chunks."""
+        """Raise once the deadline has passed or the caller cancelled; call between chunks."""
+        if self.cancelled is not None and self.cancelled():
+            raise CancelledError("the request was cancelled")
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise DeadlineExceededError("deadline exceeded while computing the explanation")
 

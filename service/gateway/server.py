@@ -95,6 +95,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.config.health_interval_s)
             await self._set_serving(await self.upstream.healthy())
+            self.upstream.cancels.sweep()
 
     async def _set_serving(self, ready: bool) -> None:
         status = (

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +13,7 @@ from google.protobuf import empty_pb2
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.torchserve import inference_pb2 as ts_pb
 from service._proto.torchserve import inference_pb2_grpc as ts_grpc
+from service.serving.cancel import CancelBoard
 
 # Above the gateway's own receive limit so that TorchServe is never the one to refuse.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -27,8 +30,9 @@ class UpstreamError(Exception):
 class TorchServeClient:
     """Calls one TorchServe over gRPC, passing each call's deadline on."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, cancels: CancelBoard | None = None) -> None:
         self.address = address
+        self.cancels = cancels or CancelBoard()
         self.channel = grpc.aio.insecure_channel(
             address,
             options=[
@@ -54,6 +58,9 @@ class TorchServeClient:
             reply = await self.stub.Predictions(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise _upstream_error(exc, model) from None
+        except asyncio.CancelledError:
+            self.cancels.cancel(request.input["request_id"].decode())
+            raise
         return reply.prediction
 
     async def stream(
@@ -62,13 +69,17 @@ class TorchServeClient:
         request = self._request(model, "request", payload, timeout)
         request.input["stream"] = b"true"
         call = self.stub.StreamPredictions(request, timeout=timeout)
+        complete = False
         try:
             async for reply in call:
                 yield reply.prediction
+            complete = True
         except grpc.aio.AioRpcError as exc:
             raise _upstream_error(exc, model) from None
         finally:
-            call.cancel()  # a no-op when complete; stops TorchServe's side when we stop early
+            if not complete:  # the client went away (or we failed): stop the worker's work
+                self.cancels.cancel(request.input["request_id"].decode())
+                call.cancel()
 
     @staticmethod
     def _request(
@@ -76,6 +87,7 @@ class TorchServeClient:
     ) -> ts_pb.PredictionsRequest:
         request = ts_pb.PredictionsRequest(model_name=model)
         request.input[key] = payload
+        request.input["request_id"] = uuid.uuid4().hex.encode()
         if timeout is not None:
             deadline_ms = int((time.time() + timeout) * 1000)
             request.input["deadline_unix_ms"] = str(deadline_ms).encode()

@@ -18,6 +18,7 @@ import torch
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine import masks
 from service.engine.errors import (
+    CancelledError,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
@@ -74,6 +75,7 @@ class Job:
 
     request: pb.ExplainRequest
     deadline: float | None = None
+    cancelled: Callable[[], bool] | None = None
     pixels: np.ndarray | None = None
     model_input: np.ndarray | None = None
     probabilities: np.ndarray | None = None
@@ -92,6 +94,15 @@ class Job:
 
     def expired(self) -> bool:
         return self.deadline is not None and time.monotonic() > self.deadline
+
+    def stopped(self) -> bool:
+        """Past its deadline, or its caller went away: no more work for it."""
+        return self.expired() or (self.cancelled is not None and self.cancelled())
+
+    def stop_error(self) -> EngineError:
+        if self.expired():
+            return DeadlineExceededError("deadline exceeded while the request was served")
+        return CancelledError("the request was cancelled")
 
 
 @dataclass
@@ -207,8 +218,8 @@ class Explainer:
         for job in jobs:
             start = time.perf_counter()
             try:
-                if job.expired():
-                    raise DeadlineExceededError("deadline passed before decoding started")
+                if job.stopped():
+                    raise job.stop_error()
                 job.pixels = codec.decode_image(job.request.image, self.limits)
                 job.model_input = codec.to_model_input(job.pixels, height, width)
             except EngineError as exc:
@@ -281,11 +292,13 @@ class Explainer:
         return list(groups.values())
 
     def _explain_group(self, group: list[tuple[Job, _Work]]) -> Iterator[Event]:
+        for job, _ in group:
+            if job.error is None and job.stopped():
+                job.fail(job.stop_error())
         live = [(job, work) for job, work in group if job.error is None]
         if not live:
             return
         spec, params = live[0][1].spec, live[0][1].params
-        deadlines = [job.deadline for job, _ in live if job.deadline is not None]
         start = time.perf_counter()
         try:
             inputs = torch.from_numpy(np.stack([job.model_input for job, _ in live]))  # type: ignore[misc]
@@ -296,11 +309,12 @@ class Explainer:
                 spec.name,
                 params,
                 seed=int(live[0][0].request.seed),
-                deadline=min(deadlines) if deadlines else None,
+                # Shared work stops only when nobody in the group still wants it.
+                cancelled=lambda: all(job.stopped() for job, _ in live),
             )
         except EngineError as exc:
             for job, _ in live:
-                job.fail(exc)
+                job.fail(job.stop_error() if job.stopped() else exc)
             return
         elapsed = time.perf_counter() - start
         maps = attribution.maps.detach().float().cpu().numpy()
@@ -363,7 +377,11 @@ class Explainer:
         if not wanted:
             return
         names = sorted({SCORE_NAMES[s] for job, _, _ in wanted for s in job.request.scores})
-        deadlines = [job.deadline for job, _, _ in wanted if job.deadline is not None]
+
+        def check() -> None:
+            if all(job.stopped() for job, _, _ in wanted):
+                raise CancelledError("every request of the group stopped")
+
         start = time.perf_counter()
         try:
             values = compute_scores(
@@ -373,11 +391,11 @@ class Explainer:
                 np.array([live[item][1].target for _, item, _ in wanted]),
                 names,
                 seed=int(wanted[0][0].request.seed),
-                check=_deadline_check(min(deadlines) if deadlines else None),
+                check=check,
             )
         except EngineError as exc:
             for job, _, _ in wanted:
-                job.fail(exc)
+                job.fail(job.stop_error() if job.stopped() else exc)
             return
         elapsed = time.perf_counter() - start
         by_name = {v: k for k, v in SCORE_NAMES.items()}
@@ -403,17 +421,6 @@ class Explainer:
             explanations=job.explanations,
             timings=_timings(job.timings),
         )
-
-
-def _deadline_check(deadline: float | None) -> Callable[[], None] | None:
-    if deadline is None:
-        return None
-
-    def check() -> None:
-        if time.monotonic() > deadline:
-            raise DeadlineExceededError("deadline exceeded while computing scores")
-
-    return check
 
 
 def _mask_options(options: pb.MaskOptions) -> tuple[pb.MaskKind.ValueType, float, float, float]:

@@ -7,6 +7,7 @@ batch with a status), and the gateway's interceptor turns them into the call's s
 from __future__ import annotations
 
 from service.engine.errors import (
+    CancelledError,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
@@ -18,6 +19,7 @@ _CODES: tuple[tuple[type[Exception], str], ...] = (
     (InvalidInputError, "INVALID_ARGUMENT"),
     (ResourceLimitError, "RESOURCE_EXHAUSTED"),
     (DeadlineExceededError, "DEADLINE_EXCEEDED"),
+    (CancelledError, "CANCELLED"),
     (UnsupportedMethodError, "FAILED_PRECONDITION"),
     (EngineError, "INTERNAL"),
 )
@@ -26,6 +28,7 @@ _BY_NAME: dict[str, type[EngineError]] = {
     "INVALID_ARGUMENT": InvalidInputError,
     "RESOURCE_EXHAUSTED": ResourceLimitError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "CANCELLED": CancelledError,
     "FAILED_PRECONDITION": UnsupportedMethodError,
 }
 

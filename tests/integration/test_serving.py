@@ -235,3 +235,24 @@ def test_sobol_past_its_deadline_stops_and_the_next_request_is_served_at_once(
     elapsed = time.perf_counter() - start
     assert reply.explanations
     assert elapsed < 8.0, f"next request waited {elapsed:.1f}s behind the expired Sobol"
+
+
+def test_cancelling_a_stream_stops_its_work_and_frees_the_worker(
+    client: SaliencyClient,
+    samples,  # type: ignore[no-untyped-def]
+) -> None:
+    import time
+
+    data = samples[7][0]
+    # ~20 s of Sobol work: only a worker that really stops lets the next call through fast.
+    stream = client.explain_stream(data, methods=["sobol"], top_k=3, timeout=120)
+    first = next(stream)
+    assert first.WhichOneof("part") == "prediction"
+    stream.cancel()  # type: ignore[attr-defined]
+    with pytest.raises(grpc.RpcError) as caught:
+        next(stream)
+    assert caught.value.code() == grpc.StatusCode.CANCELLED
+    start = time.perf_counter()
+    assert client.explain(data, methods=["vanilla_gradient"], timeout=30).explanations
+    elapsed = time.perf_counter() - start
+    assert elapsed < 8.0, f"next request waited {elapsed:.1f}s behind the cancelled Sobol"

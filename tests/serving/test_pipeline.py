@@ -165,3 +165,28 @@ def test_predict_batch(explainer: Explainer) -> None:
     )
     assert len(replies[0].predictions) == 2
     assert replies[1].error.code == "INVALID_ARGUMENT"
+
+
+def test_cancelled_request_stops_and_its_group_mates_finish(explainer: Explainer) -> None:
+    from service.serving.pipeline import Job
+
+    gone = Job(request=request("smoothgrad", seed=1), cancelled=lambda: True)
+    staying = Job(request=request("smoothgrad", seed=1))
+    done = {id(e.job): e.message for e in explainer.run([gone, staying]) if e.kind == "done"}
+    assert done[id(gone)].error.code == "CANCELLED"  # type: ignore[union-attr]
+    assert not done[id(staying)].error.code  # type: ignore[union-attr]
+    assert len(done[id(staying)].explanations) == 1  # type: ignore[union-attr]
+
+
+def test_work_stops_once_every_request_of_a_group_is_cancelled(explainer: Explainer) -> None:
+    from service.serving.pipeline import Job
+
+    polls = []
+
+    def cancelled_after_first_poll() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    job = Job(request=request("rise", seed=1), cancelled=cancelled_after_first_poll)
+    [done] = [e.message for e in explainer.run([job]) if e.kind == "done"]
+    assert done.error.code == "CANCELLED"  # type: ignore[union-attr]
