@@ -225,3 +225,9 @@ def positive(name: str, value: int) -> int:
     if value < 1:
         raise InvalidInputError(f"parameter {name!r} must be >= 1, got {value}")
     return value
+
+
+def box_blur(image: np.ndarray, ksize: int = 10) -> np.ndarray:
+    """``(C, H, W)`` image blurred by a ``ksize`` box, the authors' blurring substrate."""
+    hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
+    return cv2.blur(hwc, (ksize, ksize)).reshape(hwc.shape).transpose(2, 0, 1)

@@ -138,7 +138,8 @@ def test_sobol_defaults_follow_the_paper() -> None:
     defaults = get_method("sobol").defaults
     assert defaults["grid_size"] == 8
     assert defaults["n_designs"] == 32
-    assert defaults["perturbation"] == "inpainting"
+    # Blurring, not the paper's inpainting: see the comment at sobol.DEFAULTS.
+    assert defaults["perturbation"] == "blurring"
 
 
 # --- occlusion == Captum ---------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_occlusion_equals_captum_on_the_torch_model(
     # ONNX Runtime and eager torch agree to ~1e-6 on logits, differences of them to ~1e-5.
     model, forward = cnn
     x, targets = images(2, seed=1), torch.tensor([0, 2])
-    ours = explain("occlusion", forward, x, targets, window=8, stride=4)
+    ours = explain("occlusion", forward, x, targets, window=8, stride=4, baseline=0.0)
     with torch.no_grad():
         captum = Occlusion(model).attribute(
             x, sliding_window_shapes=(3, 8, 8), strides=(3, 4, 4), baselines=0.0, target=targets
@@ -204,7 +205,10 @@ def test_occlusion_rejects_a_stride_larger_than_the_window(
 
 
 def test_rise_puts_the_map_on_the_region_the_logit_reads(region_forward: OnnxForward) -> None:
-    maps = explain("rise", region_forward, images(1), torch.tensor([0]), n_masks=1024)
+    # This model sums pixels, so it answers to black (zero) masking, not to blurring.
+    maps = explain(
+        "rise", region_forward, images(1), torch.tensor([0]), n_masks=1024, substrate="zero"
+    )
     inside = region_mask()
     # RISE's masks are smooth (bilinear over a cell), so the map's edge is soft: the top
     # pixels must lie in the region or within half a cell of it.

@@ -19,7 +19,16 @@ from service.engine.errors import InvalidInputError
 from service.engine.registry import ParamValue, register_method
 from service.engine.types import Attribution, ExplainContext
 
-DEFAULTS: dict[str, ParamValue] = {"n_masks": 1024, "grid_size": 8, "p_keep": 0.5}
+# Masked-out pixels are black as in the paper ("zero"); "blur" is offered because it helps
+# Sobol and occlusion on some models, but on the default model it did not help RISE
+# (pointing game 0.31 blurred vs 0.63 black, 4000 masks, 16 images).
+DEFAULTS: dict[str, ParamValue] = {
+    "n_masks": 1024,
+    "grid_size": 8,
+    "p_keep": 0.5,
+    "substrate": "zero",
+}
+SUBSTRATES = ("blur", "zero")
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -93,7 +102,9 @@ def rise(
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per image.
         **params: ``n_masks`` (Monte-Carlo samples), ``grid_size`` (cells per side of the
-            random grid), ``p_keep`` (probability that a cell is kept).
+            random grid), ``p_keep`` (probability that a cell is kept), ``substrate``
+            (what masked-out pixels become: ``"zero"``, black as in the paper, or
+            ``"blur"``, a 10x10 box blur of the image).
 
     Returns:
         ``Attribution`` with float32 ``(B, H, W)`` maps in probability units. Costs
@@ -108,12 +119,20 @@ def rise(
     p_keep = perturb.float_param(params, DEFAULTS, "p_keep")
     if not 0.0 < p_keep <= 1.0:
         raise InvalidInputError(f"parameter 'p_keep' must be in (0, 1], got {p_keep}")
+    substrate_kind = perturb.str_param(params, DEFAULTS, "substrate")
+    if substrate_kind not in SUBSTRATES:
+        raise InvalidInputError(f"substrate must be one of {SUBSTRATES}, got {substrate_kind!r}")
     images = perturb.images_numpy(inputs)
     batch, _, height, width = images.shape
     tgt = perturb.targets_numpy(targets, batch)
     if grid_size > min(height, width):
         raise InvalidInputError(f"grid_size {grid_size} exceeds the {height}x{width} image")
     masks = RiseMasks(n_masks, grid_size, p_keep, (height, width), ctx.generator)
+    substrate: np.ndarray | None = None
+    delta = images
+    if substrate_kind == "blur":
+        substrate = np.stack([perturb.box_blur(img) for img in images])
+        delta = images - substrate  # x*m + s*(1-m) = s + (x - s)*m
     if batch == 0:
         return Attribution(maps=torch.zeros((0, height, width)))
 
@@ -121,7 +140,7 @@ def rise(
         # Mask-major order: consecutive samples share a mask, so a chunk upsamples each of
         # its masks once however many images the batch holds.
         mask_chunk = masks(start // batch, (stop - 1) // batch + 1)
-        perturb.masked_into(out, images, mask_chunk, start)
+        perturb.masked_into(out, delta, mask_chunk, start, substrate)
         return mask_chunk
 
     sal = np.zeros((batch, height * width), dtype=np.float64)

@@ -25,7 +25,10 @@ from service.engine.errors import InvalidInputError
 from service.engine.registry import ParamValue, register_method
 from service.engine.types import Attribution, ExplainContext
 
-DEFAULTS: dict[str, ParamValue] = {"grid_size": 8, "n_designs": 32, "perturbation": "inpainting"}
+# Blurring by default: on the default model, inpainting towards black (the paper's
+# default) scored 0.25 on the pointing game against 0.94 for blurring (bench/quality.py):
+# black cells are far outside what the model saw, so they dominate its answer.
+DEFAULTS: dict[str, ParamValue] = {"grid_size": 8, "n_designs": 32, "perturbation": "blurring"}
 PERTURBATIONS = ("inpainting", "blurring")
 
 
@@ -124,7 +127,7 @@ def sobol(
     substrate: np.ndarray | None = None
     delta = images
     if perturbation == "blurring":
-        substrate = np.stack([_box_blur(img) for img in images])
+        substrate = np.stack([perturb.box_blur(img) for img in images])
         delta = images - substrate  # x*m + s*(1-m) = s + (x - s)*m
 
     def build(start: int, stop: int, out: np.ndarray) -> None:
@@ -153,9 +156,3 @@ def sobol(
         grid = sti.reshape(grid_size, grid_size)
         maps[b] = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
     return Attribution(maps=torch.from_numpy(maps))
-
-
-def _box_blur(image: np.ndarray, ksize: int = 10) -> np.ndarray:
-    """``(C, H, W)`` image blurred by a ``ksize`` box, the authors' blurring substrate."""
-    hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
-    return cv2.blur(hwc, (ksize, ksize)).reshape(hwc.shape).transpose(2, 0, 1)
