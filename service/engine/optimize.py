@@ -25,6 +25,7 @@ Also here: :func:`choose_chunk_size`, rows per model pass for the sampling metho
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -40,8 +41,9 @@ logger = logging.getLogger(__name__)
 ChannelsLast = bool | Literal["auto"]
 DEFAULT_MEASURE_BATCH = 8
 CHANNELS_LAST_MIN_GAIN = 0.05  # below a 5% gain, noise could have picked it: stay NCHW
-CHUNK_CANDIDATES = (8, 16, 32, 64)
-CHUNK_MEMORY_FRACTION = 0.25  # of free device memory one chunk's activations may take
+CHUNK_CANDIDATES = (8, 16, 32, 64, 128)
+CHUNK_MEMORY_FRACTION = 0.25  # of free GPU memory one chunk's activations may take
+CPU_CHUNK_MEMORY = 1 << 30  # bytes one chunk's activations may take on a CPU
 
 
 @dataclass
@@ -82,8 +84,8 @@ def optimize_for_inference(
     report = report if report is not None else OptimizeReport()
     shape = _batch_shape(example_shape)
     device, dtype = _device_dtype(model)
-    optimized = copy.deepcopy(model).eval().requires_grad_(False)
-    keep = set(keep)
+    optimized = _frozen(copy.deepcopy(model))
+    keep = {name for name in keep if name}  # "" would name the whole model
 
     if fold_batch_norm:
         pairs = [p for p in _conv_bn_pairs(optimized, shape, device, dtype) if p[0] not in keep]
@@ -105,7 +107,14 @@ def optimize_for_inference(
     if use_nhwc:
         optimized = _to_channels_last(optimized)
         report.channels_last = True
-    return optimized.eval().requires_grad_(False)
+    return _frozen(optimized)
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    """Eval mode, parameters frozen; a ``torch.export`` module is in eval form already."""
+    with contextlib.suppress(NotImplementedError):  # ExportedProgram.module() refuses eval()
+        model.eval()
+    return model.requires_grad_(False)
 
 
 def _batch_shape(example_shape: Sequence[int]) -> tuple[int, ...]:
@@ -407,31 +416,37 @@ def choose_chunk_size(
     *,
     candidates: Sequence[int] = CHUNK_CANDIDATES,
     repeats: int = 3,
+    memory_budget: int | None = None,
 ) -> tuple[int, dict[int, float]]:
     """Rows per input-gradient pass that give the most rows per second on this device.
 
     Sampling methods (SmoothGrad: ``n_samples x B`` rows, Integrated Gradients: ``n_steps x
     B``) run their rows through the model ``chunk_size`` at a time. Too small a chunk
     leaves the cores idle between small kernels; too large a chunk spills activations out
-    of cache (CPU) or device memory (GPU). Candidates whose activations would take more
-    than a quarter of free GPU memory are skipped.
+    of cache (CPU) or device memory (GPU). Candidates whose activations exceed the memory
+    budget are not tried.
 
     Args:
         model: the (optimised) model.
         input_shape: ``(C, H, W)``.
         candidates: chunk sizes to try, ascending.
-        repeats: timed passes per candidate (median).
+        repeats: timed passes per candidate (the fastest counts).
+        memory_budget: bytes one chunk's activations may take; default a quarter of the
+            free memory on a GPU, ``CPU_CHUNK_MEMORY`` on a CPU.
 
     Returns:
-        ``(best chunk size, {chunk size: seconds per row})``.
+        ``(best chunk size, {chunk size: seconds per row})``; the smallest candidate when
+        none fits.
     """
     device, dtype = _device_dtype(model)
     shape = tuple(int(d) for d in input_shape[-3:])
+    if memory_budget is None:
+        free = _free_device_bytes(device)
+        memory_budget = int(CHUNK_MEMORY_FRACTION * free) if free is not None else CPU_CHUNK_MEMORY
+    per_image = activation_bytes_per_image(model, shape)
     per_row: dict[int, float] = {}
-    budget = _free_device_bytes(device)
-    per_image = activation_bytes_per_image(model, shape) if budget is not None else 0
     for size in candidates:
-        if budget is not None and size * per_image > CHUNK_MEMORY_FRACTION * budget:
+        if size * per_image > memory_budget:
             break
         inputs = _example((size, *shape), device, dtype, seed=3)
         (seconds,) = _time_interleaved([_gradient_pass(model, inputs)], device, repeats)

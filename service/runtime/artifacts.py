@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from service.engine.engine import Engine
+from service.engine.optimize import optimize_for_inference
 from service.runtime.onnx_forward import OnnxForward
 from service.runtime.wrap import Normalized, freeze
 
@@ -123,6 +124,8 @@ def load_bundle(
     meta = ModelMeta.read(model_dir)
     model, source = load_gradient_model(meta, model_dir)
     model = model.to(device)
+    # Same function, faster gradients: batch norm folded, channels-last where it pays.
+    model = optimize_for_inference(model, meta.input_size, keep=[meta.target_layer or ""])
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda"):
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
