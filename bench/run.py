@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-SUITES = ("quality", "perturbation")
+SUITES = ("quality", "perturbation", "speed", "e2e")
 
 
 def main() -> None:
