@@ -418,7 +418,14 @@ class Sweep:
     loads: dict[int, Load]
 
 
-def run(seconds: float, warmup: float, minutes: float, out: Path, sweep: bool) -> bool:
+def run(
+    seconds: float,
+    warmup: float,
+    minutes: float,
+    out: Path,
+    sweep: bool,
+    confirm: Sequence[BatchConfig] = (),
+) -> bool:
     threads = cpu_quota()
     torch.set_num_threads(threads)
     base_config = BatchConfig()
@@ -459,6 +466,7 @@ def run(seconds: float, warmup: float, minutes: float, out: Path, sweep: bool) -
             del explainer
 
             sweeps: list[Sweep] = []
+            confirmations: list[list[Sweep]] = []
             with gateway_for(ts) as gw:
                 print("end to end, default configuration", flush=True)
                 probe = cpu_probe(ts)
@@ -484,6 +492,11 @@ def run(seconds: float, warmup: float, minutes: float, out: Path, sweep: bool) -
                         for c in levels
                     }
                     sweeps.append(Sweep(config, took, loads))
+
+                for candidate in confirm:
+                    confirmations.append(
+                        ab_rounds(ts, gw.address, base, requests, candidate, seconds, warmup)
+                    )
         finally:
             ts.stop()
     return write(
@@ -495,7 +508,42 @@ def run(seconds: float, warmup: float, minutes: float, out: Path, sweep: bool) -
         memory,
         minutes,
         (load_before, os.getloadavg()[0]),
+        confirmations,
     )
+
+
+def ab_rounds(
+    ts: TorchServe,
+    address: str,
+    base: Path,
+    requests: Sequence[pb.ExplainRequest],
+    candidate: BatchConfig,
+    seconds: float,
+    warmup: float,
+    rounds: int = 2,
+) -> list[Sweep]:
+    """The default configuration and ``candidate``, deployed in turn ``rounds`` times each.
+
+    Configurations measured one after another on a shared machine differ by the load of
+    the moment as much as by themselves; alternating them puts both under the same load.
+    """
+    measured = []
+    for _ in range(rounds):
+        for config in (BatchConfig(), candidate):
+            print(f"A/B {config_name(config)}", flush=True)
+            took = deploy(ts, variant(base, config), config)
+            loads = {
+                c: show(f"{c} clients", grpc_load(address, requests, c, seconds, warmup))
+                for c in (8, 16)
+            }
+            measured.append(Sweep(config, took, loads))
+    return measured
+
+
+def parse_config(text: str) -> BatchConfig:
+    """``b8-d5-w2`` -> ``BatchConfig(batch_size=8, max_batch_delay_ms=5, workers=2)``."""
+    parts = dict((p[0], int(p[1:])) for p in text.split("-"))
+    return BatchConfig(batch_size=parts["b"], max_batch_delay_ms=parts["d"], workers=parts["w"])
 
 
 @dataclass
@@ -578,6 +626,7 @@ def write(
     memory: Memory,
     minutes: float,
     load: tuple[float, float],
+    confirmations: Sequence[list[Sweep]] = (),
 ) -> bool:
     base = sweeps[0]
     ok = True
@@ -694,6 +743,19 @@ def write(
                 f"{best.loads[clients].throughput:.1f} req/s ({config_name(base.config)}: "
                 f"{base.loads[clients].throughput:.1f})."
             )
+    for rounds in confirmations:
+        lines += [
+            "",
+            f"A/B, alternating on the same TorchServe ({len(rounds) // 2} rounds each):",
+            "",
+            "| configuration | req/s, 8 clients | req/s, 16 clients | p50 ms, 16 clients |",
+            "|---|---|---|---|",
+        ]
+        for name in dict.fromkeys(config_name(r.config) for r in rounds):
+            mine = [r for r in rounds if config_name(r.config) == name]
+            rates = [" ".join(f"{r.loads[c].throughput:.1f}" for r in mine) for c in (8, 16)]
+            p50 = " ".join(f"{r.loads[16].percentile(50) * 1e3:.0f}" for r in mine)
+            lines.append(f"| {name} | {rates[0]} | {rates[1]} | {p50} |")
     lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
@@ -722,6 +784,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=2.0, help="unmeasured lead-in per load")
     parser.add_argument("--minutes", type=float, default=1.0, help="sustained run (memory)")
     parser.add_argument("--no-sweep", action="store_true", help="default configuration only")
+    parser.add_argument(
+        "--confirm",
+        action="append",
+        default=[],
+        metavar="bB-dD-wW",
+        help="A/B a configuration against the default, alternating (e.g. b8-d5-w2)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
     parser.add_argument(
@@ -733,7 +802,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (code := rerun_with_omp_policy(MODULE, args.omp_wait_policy, argv)) is not None:
         return code
-    ok = run(args.seconds, args.warmup, args.minutes, args.out, not args.no_sweep)
+    confirm = [parse_config(text) for text in args.confirm]
+    ok = run(args.seconds, args.warmup, args.minutes, args.out, not args.no_sweep, confirm)
     return 0 if ok or not args.strict else 1
 
 
