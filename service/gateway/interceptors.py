@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -58,42 +59,38 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             )
         return handler
 
+    @contextlib.asynccontextmanager
+    async def _call(
+        self, rpc: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[None]:
+        """Count the call in flight, time it, and turn an exception into its status."""
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.metrics.in_flight.inc()
+        try:
+            yield
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, message = status_of(exc)
+            await context.abort(code, message)
+        finally:
+            self.metrics.in_flight.dec()
+            self._observe(rpc, request, code, start)
+
     def _unary(self, rpc: str, behaviour: Any) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            self.metrics.in_flight.inc()
-            try:
+            async with self._call(rpc, request, context):
                 return await behaviour(request, context)
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code, message = status_of(exc)
-                await context.abort(code, message)
-            finally:
-                self.metrics.in_flight.dec()
-                self._observe(rpc, request, code, start)
 
         return wrapped
 
     def _stream(self, rpc: str, behaviour: Any) -> Any:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            self.metrics.in_flight.inc()
-            try:
+            async with self._call(rpc, request, context):
                 async for item in behaviour(request, context):
                     yield item
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code, message = status_of(exc)
-                await context.abort(code, message)
-            finally:
-                self.metrics.in_flight.dec()
-                self._observe(rpc, request, code, start)
 
         return wrapped
 
