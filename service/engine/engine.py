@@ -7,6 +7,7 @@ generator, its captured activations -- is created inside that call.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 
@@ -50,7 +51,10 @@ class Engine:
     ) -> None:
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
-        self.model = model.eval().requires_grad_(False)
+        # An exported program's module() refuses eval(); it keeps its exported mode anyway.
+        with contextlib.suppress(NotImplementedError):
+            model.eval()
+        self.model = model.requires_grad_(False)
         self.input_shape: tuple[int, int, int] = (
             int(input_shape[0]),
             int(input_shape[1]),

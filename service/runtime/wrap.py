@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -51,6 +52,9 @@ def freeze(module: M) -> M:
     Returns:
         ``module`` itself, for chaining.
     """
-    module.eval()
+    # An exported program's module() refuses eval() (torch 2.13); it is already in the mode
+    # it was exported in, so there is nothing to switch.
+    with contextlib.suppress(NotImplementedError):
+        module.eval()
     module.requires_grad_(False)
     return module

@@ -190,3 +190,25 @@ def test_work_stops_once_every_request_of_a_group_is_cancelled(explainer: Explai
     job = Job(request=request("rise", seed=1), cancelled=cancelled_after_first_poll)
     [done] = [e.message for e in explainer.run([job]) if e.kind == "done"]
     assert done.error.code == "CANCELLED"  # type: ignore[union-attr]
+
+
+def test_an_exported_program_alone_serves_gradient_methods(tiny_model_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An archive from a .pt2 (no eager module): gradients work, CAM is reported unavailable."""
+    import json
+    import shutil
+
+    from service.runtime.artifacts import load_bundle
+
+    for name in ("model.pt2", "model.onnx", "model.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    meta = json.loads((tmp_path / "model.json").read_text())
+    meta["eager"] = None
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    exported = Explainer(load_bundle(tmp_path))
+    assert exported.bundle.gradient_source == "pt2"
+    [reply] = exported.explain_batch([request("vanilla_gradient", "integrated_gradients")])
+    assert not reply.error.code and len(reply.explanations) == 2
+    [cam] = exported.explain_batch([request("grad_cam")])
+    assert cam.error.code == "FAILED_PRECONDITION"
+    available = {m.name: m.available for m in exported.model_info().methods}
+    assert available["vanilla_gradient"] and not available["grad_cam"]
