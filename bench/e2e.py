@@ -29,7 +29,6 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,6 +47,7 @@ import numpy as np
 import psutil
 import torch
 
+from bench.speed import rerun_with_omp_policy
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.archive import BatchConfig
@@ -761,21 +761,6 @@ def write(
     out.write_text("\n".join(lines))
     print("\n".join(lines))
     return ok
-
-
-def rerun_with_omp_policy(module: str, policy: str, argv: list[str] | None) -> int | None:
-    """Run ``module`` again in a fresh interpreter when OpenMP's wait policy must change.
-
-    libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it, so the policy can only be
-    set for a new process. Returns its exit code, or ``None`` when this process already
-    runs with the policy asked for (or ``inherit``).
-    """
-    wanted = policy.upper()
-    if policy == "inherit" or os.environ.get("OMP_WAIT_POLICY", "").upper() == wanted:
-        return None
-    env = {**os.environ, "OMP_WAIT_POLICY": wanted}
-    command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
-    return subprocess.run(command, env=env, check=False).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
