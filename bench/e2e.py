@@ -47,7 +47,7 @@ import numpy as np
 import psutil
 import torch
 
-from bench.speed import rerun_with_omp_policy
+from bench.machine import add_omp_policy_argument, cpu_model, rerun_with_omp_policy
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.archive import BatchConfig
@@ -607,16 +607,6 @@ def sustained(
 # -- report ---------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def write(
     out: Path,
     model_title: str,
@@ -778,12 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=("passive", "active", "inherit"),
-        default="passive",
-        help="OpenMP wait policy of torch threads; passive keeps 2 threads fast beside other work",
-    )
+    add_omp_policy_argument(parser)
     args = parser.parse_args(argv)
     if (code := rerun_with_omp_policy(MODULE, args.omp_wait_policy, argv)) is not None:
         return code

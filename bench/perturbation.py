@@ -38,6 +38,7 @@ import onnxruntime as ort
 import torch
 from captum.attr import Occlusion
 
+from bench.machine import cpu_model
 from service.engine.registry import get_method
 from service.engine.types import ExplainContext
 from service.runtime.onnx_forward import OnnxForward, cpu_quota
@@ -94,16 +95,6 @@ def bench_image(size: int) -> torch.Tensor:
         return torch.from_numpy(batch.images.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     except Exception:
         return torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 @dataclass

@@ -11,7 +11,6 @@ Run: ``python -m bench.quality [--images 200]`` (``make bench`` runs it).
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import cv2
 import numpy as np
 import torch
 
+from bench.machine import cpu_model
 from service.engine import masks
 from service.engine.engine import Engine
 from service.engine.registry import list_methods
@@ -112,7 +112,7 @@ def run(n_images: int, n_forward_only: int) -> str:
         "",
         f"Model `{meta['name']}` version `{meta['version']}`, held-out accuracy on these images "
         f"{accuracy:.3f}; {n_images} images (seed {HELD_OUT_SEED}), target = true class.",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"Machine: {cpu_model()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}. Command: `python -m bench.quality "
         f"--images {n_images} --forward-only-images {n_forward_only}`.",
         "",

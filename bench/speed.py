@@ -34,7 +34,6 @@ import io
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 from torch import nn
 
+from bench.machine import add_omp_policy_argument, cpu_model, rerun_with_omp_policy
 from bench.resnet import TARGET_LAYER as RESNET_LAYER
 from bench.resnet import resnet18_pixels
 from service.engine.engine import Engine
@@ -376,16 +376,6 @@ def per_repeat(result: CaseResult, numerator: str, denominator: str) -> list[flo
 # -- report ---------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 LABELS = {
     "forward_eager": "plain eager forward (model as given, inference_mode)",
     "forward_opt": "eager forward, optimised copy",
@@ -517,21 +507,6 @@ def write(
     return ok
 
 
-def rerun_with_omp_policy(module: str, policy: str, argv: list[str] | None) -> int | None:
-    """Run ``module`` again in a fresh interpreter when OpenMP's wait policy must change.
-
-    libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it, so the policy can only be
-    set for a new process. Returns its exit code, or ``None`` when this process already
-    runs with the policy asked for (or ``inherit``).
-    """
-    wanted = policy.upper()
-    if policy == "inherit" or os.environ.get("OMP_WAIT_POLICY", "").upper() == wanted:
-        return None
-    env = {**os.environ, "OMP_WAIT_POLICY": wanted}
-    command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
-    return subprocess.run(command, env=env, check=False).returncode
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--repeats", type=int, default=11, help="repeats of the fast measurements")
@@ -541,12 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="resnet18,default", help="comma-separated")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
-    parser.add_argument(
-        "--omp-wait-policy",
-        choices=("passive", "active", "inherit"),
-        default="passive",
-        help="OpenMP wait policy of torch threads; passive keeps 2 threads fast beside other work",
-    )
+    add_omp_policy_argument(parser)
     args = parser.parse_args(argv)
     if (code := rerun_with_omp_policy(MODULE, args.omp_wait_policy, argv)) is not None:
         return code

@@ -1,0 +1,45 @@
+"""What every benchmark needs about the machine it runs on: the CPU's name and OpenMP policy."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def add_omp_policy_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=("passive", "active", "inherit"),
+        default="passive",
+        help="OpenMP wait policy of torch threads; passive keeps 2 threads fast beside other work",
+    )
+
+
+def rerun_with_omp_policy(module: str, policy: str, argv: list[str] | None) -> int | None:
+    """Run ``module`` again in a fresh interpreter when OpenMP's wait policy must change.
+
+    libgomp reads ``OMP_WAIT_POLICY`` once, when torch loads it, so the policy can only be
+    set for a new process. Returns its exit code, or ``None`` when this process already
+    runs with the policy asked for (or ``inherit``).
+    """
+    wanted = policy.upper()
+    if policy == "inherit" or os.environ.get("OMP_WAIT_POLICY", "").upper() == wanted:
+        return None
+    env = {**os.environ, "OMP_WAIT_POLICY": wanted}
+    command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
+    return subprocess.run(command, env=env, check=False).returncode
