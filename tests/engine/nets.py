@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import torch
 from torch import nn
+
+from service.runtime.onnx_forward import OnnxForward
 
 SIZE = 24
 NUM_CLASSES = 5
@@ -73,3 +78,19 @@ def all_hooks(model: nn.Module) -> list[object]:
         ):
             found.extend(hooks.values())
     return found
+
+
+def export_onnx(model: nn.Module, path: Path, size: int) -> OnnxForward:
+    """``model`` exported to ``path`` (dynamic batch) and opened in ONNX Runtime."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model.eval(),
+            (torch.rand(2, 3, size, size),),
+            str(path),
+            input_names=["pixels"],
+            output_names=["logits"],
+            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
+        )
+    return OnnxForward(path)

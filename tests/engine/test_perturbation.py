@@ -7,8 +7,6 @@ by construction (its target logit reads one square region only).
 from __future__ import annotations
 
 import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from service.engine.methods.sobol import jansen_total_order, sobol_design
 from service.engine.registry import get_method
 from service.engine.types import ExplainContext, NumpyForward
 from service.runtime.onnx_forward import OnnxForward
+from tests.engine.nets import export_onnx
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # aligned to the 4-px cells of an 8x8 grid
@@ -55,30 +54,15 @@ class RegionModel(torch.nn.Module):
         return torch.stack([10.0 * region - 4.0, torch.zeros_like(region)], dim=1)
 
 
-def export(model: torch.nn.Module, path: Path) -> OnnxForward:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(),
-            (torch.rand(2, 3, SIZE, SIZE),),
-            str(path),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return OnnxForward(path)
-
-
 @pytest.fixture(scope="module")
 def cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, OnnxForward]:
     model = SmallCnn().eval()
-    return model, export(model, tmp_path_factory.mktemp("cnn") / "cnn.onnx")
+    return model, export_onnx(model, tmp_path_factory.mktemp("cnn") / "cnn.onnx", SIZE)
 
 
 @pytest.fixture(scope="module")
 def region_forward(tmp_path_factory: pytest.TempPathFactory) -> OnnxForward:
-    return export(RegionModel(), tmp_path_factory.mktemp("region") / "region.onnx")
+    return export_onnx(RegionModel(), tmp_path_factory.mktemp("region") / "region.onnx", SIZE)
 
 
 def images(n: int, seed: int = 0) -> torch.Tensor:

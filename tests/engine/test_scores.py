@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from service.engine.scores import (
 )
 from service.engine.types import ExplainContext
 from service.runtime.onnx_forward import OnnxForward
+from tests.engine.nets import export_onnx
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))
@@ -39,19 +38,7 @@ class RegionModel(torch.nn.Module):
 
 @pytest.fixture(scope="module")
 def forward(tmp_path_factory: pytest.TempPathFactory) -> OnnxForward:
-    path: Path = tmp_path_factory.mktemp("region") / "region.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            RegionModel(),
-            (torch.rand(2, 3, SIZE, SIZE),),
-            str(path),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return OnnxForward(path)
+    return export_onnx(RegionModel(), tmp_path_factory.mktemp("region") / "region.onnx", SIZE)
 
 
 def constant_forward(x: np.ndarray) -> np.ndarray:
