@@ -23,7 +23,6 @@ only with ``--strict`` (so that ``bench.run`` goes on).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import datetime as dt
 import json
@@ -52,7 +51,7 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.archive import BatchConfig
 from service.client import SaliencyClient
-from service.gateway.server import Gateway, GatewayConfig
+from service.gateway.server import Gateway, GatewayConfig, gateway_in_thread
 from service.launcher import TorchServe, TorchServePorts, write_config
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
@@ -198,8 +197,6 @@ def worker_processes(ts: TorchServe) -> list[psutil.Process]:
 @dataclass
 class RunningGateway:
     gateway: Gateway
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
 
     @property
     def address(self) -> str:
@@ -209,9 +206,6 @@ class RunningGateway:
 @contextmanager
 def gateway_for(ts: TorchServe) -> Iterator[RunningGateway]:
     """The real gateway on a free port, in a background asyncio thread (as in the tests)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = GatewayConfig(
         host="127.0.0.1",
         port=0,
@@ -221,20 +215,8 @@ def gateway_for(ts: TorchServe) -> Iterator[RunningGateway]:
         models=(MODEL,),
         health_interval_s=1.0,
     )
-
-    async def start() -> Gateway:
-        # Built inside the loop's thread: its grpc.aio channel binds to the running loop.
-        gateway = Gateway(config)
-        await gateway.start()
-        return gateway
-
-    gateway = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
-    try:
-        yield RunningGateway(gateway, loop, thread)
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.stop(grace=1), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with gateway_in_thread(config) as gateway:
+        yield RunningGateway(gateway)
 
 
 # -- load -----------------------------------------------------------------------------------

@@ -3,8 +3,6 @@
 Both listen on free loopback ports so a running `make serve` does not get in the way.
 """
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ import pytest
 
 from service.archive import BatchConfig, build_default_archive
 from service.client import SaliencyClient
-from service.gateway.server import Gateway, GatewayConfig, start_gateway
+from service.gateway.server import Gateway, GatewayConfig, gateway_in_thread
 from service.launcher import TorchServe, TorchServePorts
 from service.models.synthetic import generate
 
@@ -48,7 +46,6 @@ def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 @dataclass
 class RunningGateway:
     gateway: Gateway
-    loop: asyncio.AbstractEventLoop
 
     @property
     def address(self) -> str:
@@ -61,9 +58,6 @@ class RunningGateway:
 
 @pytest.fixture(scope="session")
 def gateway(torchserve: TorchServe) -> Iterator[RunningGateway]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     config = GatewayConfig(
         host="127.0.0.1",
         port=0,
@@ -73,14 +67,8 @@ def gateway(torchserve: TorchServe) -> Iterator[RunningGateway]:
         models=("shapes",),
         health_interval_s=0.5,
     )
-    # grpc.aio objects belong to the loop they are made on: make them on the gateway's loop.
-    gateway = asyncio.run_coroutine_threadsafe(start_gateway(config), loop).result(30)
-    try:
-        yield RunningGateway(gateway, loop)
-    finally:
-        asyncio.run_coroutine_threadsafe(gateway.stop(grace=1), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    with gateway_in_thread(config) as started:
+        yield RunningGateway(started)
 
 
 @pytest.fixture(scope="session")
