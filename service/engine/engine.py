@@ -90,9 +90,12 @@ class Engine:
             raise InvalidInputError(f"inputs must be {expected}, got shape {tuple(inputs.shape)}")
         if inputs.shape[0] == 0:
             raise InvalidInputError("inputs hold no image")
-        if not bool(torch.isfinite(inputs).all()):
-            raise InvalidInputError("inputs contain NaN or infinite values")
-        if inputs.min() < 0 or inputs.max() > 1:
+        # One pass over the pixels: NaN fails both comparisons and +-inf one of them, so
+        # the slower isfinite scan only runs to word the error.
+        low, high = torch.aminmax(inputs)
+        if not (bool(low >= 0) and bool(high <= 1)):
+            if not bool(torch.isfinite(inputs).all()):
+                raise InvalidInputError("inputs contain NaN or infinite values")
             raise InvalidInputError(f"inputs must be {expected}, got values out of [0, 1]")
         return inputs
 

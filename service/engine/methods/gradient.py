@@ -60,7 +60,9 @@ def target_gradients(
         ``(gradients (N, C, H, W), target logits (N,))``, both detached.
     """
     with torch.enable_grad():  # callers may sit inside no_grad / inference_mode
-        leaf = rows.detach().clone().requires_grad_(True)
+        # A detached alias is a new leaf over the same memory: no copy, and the caller's
+        # tensor neither gains requires_grad nor is written to.
+        leaf = rows.detach().requires_grad_(True)
         selected = target_logits(model(leaf), targets)
         (grad,) = torch.autograd.grad(selected.sum(), leaf)
     return grad.detach(), selected.detach()
@@ -71,6 +73,9 @@ def batch_gradients(
 ) -> torch.Tensor:
     """:func:`target_gradients` over a batch in chunks of ``ctx.chunk_size``."""
     model = require_model(ctx)
+    if inputs.shape[0] <= ctx.chunk_size:  # one pass: no buffer to copy the result into
+        ctx.check_deadline()
+        return target_gradients(model, inputs, targets)[0]
     out = torch.empty_like(inputs)
     for part in row_chunks(ctx, inputs.shape[0]):
         out[part], _ = target_gradients(model, inputs[part], targets[part])
