@@ -115,7 +115,7 @@ class Capture:
 
 
 @contextmanager
-def capture_activations(layer: nn.Module) -> Iterator[Capture]:
+def capture_activations(layer: nn.Module, *, leaf: bool = False) -> Iterator[Capture]:
     """Record ``layer``'s outputs for forwards run by the calling thread, inside the block.
 
     The hook keeps the original output (part of the autograd graph, so gradients can be
@@ -125,6 +125,11 @@ def capture_activations(layer: nn.Module) -> Iterator[Capture]:
 
     Args:
         layer: the module to watch.
+        leaf: record a detached copy that requires grad, and run the rest of the network
+            from it. Gradients can then be taken with respect to the activations only, but
+            autograd records nothing before the layer (with an input and parameters that
+            do not require grad): the forward up to the layer costs what inference costs,
+            and no tensor of those layers is kept for a backward that never runs.
 
     Yields:
         A :class:`Capture` filled as forwards run.
@@ -137,6 +142,8 @@ def capture_activations(layer: nn.Module) -> Iterator[Capture]:
             return None  # another thread's forward: not ours to record or change
         if not isinstance(output, torch.Tensor):
             raise UnsupportedMethodError("target layer must output a single tensor")
+        if leaf:
+            output = output.detach().requires_grad_(True)
         capture.activations.append(output)
         return output.clone()
 
