@@ -80,18 +80,21 @@ def test_completeness_error_shrinks_with_steps(
     assert (result.completeness_error <= 0.05 * total.abs() + 1e-4).all()
 
 
-def test_completeness_uses_no_extra_forward_passes(tiny_case: object) -> None:
-    calls: list[int] = []
+def test_completeness_costs_one_forward_of_the_ends(tiny_case: object) -> None:
+    calls: list[tuple[int, bool]] = []
     model = TinyCnn()
-    model.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    model.register_forward_pre_hook(
+        lambda _m, args: calls.append((args[0].shape[0], torch.is_grad_enabled()))
+    )
     engine = Engine(model, input_shape=(3, SIZE, SIZE), chunk_size=1000)
     calls.clear()
     engine.explain(images(2), [1, 2], "integrated_gradients", {"n_steps": 10})
-    assert calls == [2 * (10 + 2)]  # one pass: 10 nodes + the two ends, for 2 items
+    # the 10 nodes of 2 items with gradients, then x' and x of both items without autograd
+    assert calls == [(2 * 10, True), (2 * 2, False)]
     calls.clear()
     params: dict[str, ParamValue] = {"n_steps": 10, "integration": "riemann_trapezoid"}
     engine.explain(images(2), [1, 2], "integrated_gradients", params)
-    assert calls == [2 * 10]  # the trapezoid rule already holds both ends
+    assert calls == [(2 * 10, True)]  # the trapezoid rule already holds both ends
 
 
 class Affine(nn.Module):

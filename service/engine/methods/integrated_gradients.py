@@ -4,9 +4,10 @@
 nodes ``a_k`` and weights ``w_k`` on ``[0, 1]``; the map is the sum over channels.
 
 Completeness (the paper's axiom) says ``sum(attr) = S_t(x) - S_t(x')``; the error of the
-quadrature is reported per item. ``S_t(x)`` and ``S_t(x')`` come from the same batched
-passes as the path: the nodes ``a = 0`` and ``a = 1`` are evaluated with weight 0 when the
-rule does not already contain them (the trapezoid rule does), so no separate forward runs.
+quadrature is reported per item. ``S_t(x)`` and ``S_t(x')`` are read from the path's
+gradient passes when the rule holds the nodes ``a = 0`` and ``a = 1`` (the trapezoid rule
+does); otherwise from one forward without autograd over the missing ends, which costs about
+a third of the two gradient rows per item it replaces.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.errors import InvalidInputError
-from service.engine.methods.gradient import require_model, row_chunks, target_gradients
+from service.engine.methods.gradient import (
+    require_model,
+    row_chunks,
+    target_gradients,
+    target_logits,
+)
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
 
@@ -71,22 +77,23 @@ def quadrature(integration: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
     return nodes, weights
 
 
-def _with_ends(
-    nodes: np.ndarray, weights: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Add the nodes 0 and 1 with weight 0 where missing; also return their positions.
+def _end_positions(nodes: np.ndarray) -> tuple[int | None, int | None]:
+    """Where the rule already evaluates ``a = 0`` and ``a = 1`` (``None`` where it does not)."""
+    found = [np.flatnonzero(nodes == end) for end in (0.0, 1.0)]
+    start, end = (int(hits[0]) if hits.size else None for hits in found)
+    return start, end
 
-    Their target logits are ``S_t(x')`` and ``S_t(x)``: evaluating them in the same batched
-    passes as the path costs two rows per item instead of extra forward passes.
-    """
-    positions = []
-    for end in (0.0, 1.0):
-        hits = np.flatnonzero(nodes == end)
-        if hits.size == 0:
-            nodes, weights = np.append(nodes, end), np.append(weights, 0.0)
-            hits = np.array([len(nodes) - 1])
-        positions.append(int(hits[0]))
-    return nodes, weights, (positions[0], positions[1])
+
+def _target_logits_no_grad(
+    ctx: ExplainContext, images: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """``S_t`` of each row, forward only, in chunks of ``ctx.chunk_size`` rows."""
+    model = require_model(ctx)
+    out = torch.empty(images.shape[0], dtype=torch.float64, device=images.device)
+    with torch.no_grad():
+        for part in row_chunks(ctx, images.shape[0]):
+            out[part] = target_logits(model(images[part]), targets[part]).to(torch.float64)
+    return out
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -176,7 +183,7 @@ def integrated_gradients(
     model = require_model(ctx)
     nodes, weights = quadrature(integration, n_steps)
     ref = make_baseline(ctx, inputs, baseline, blur_sigma)
-    nodes, weights, (start, end) = _with_ends(nodes, weights)
+    start, end = _end_positions(nodes)
 
     batch = inputs.shape[0]
     alphas = torch.as_tensor(nodes, dtype=inputs.dtype, device=inputs.device)
@@ -193,6 +200,11 @@ def integrated_gradients(
         for slot, index in enumerate((start, end)):
             hit = step == index
             endpoint[slot, item[hit]] = logits[hit].to(torch.float64)
+    missing = [slot for slot, index in enumerate((start, end)) if index is None]
+    if missing:
+        images = torch.cat([(ref, inputs)[slot] for slot in missing])
+        logits = _target_logits_no_grad(ctx, images, targets.repeat(len(missing)))
+        endpoint[missing] = logits.view(len(missing), batch)
     attributions = total * delta.to(torch.float64)
     error = (attributions.flatten(1).sum(dim=1) - (endpoint[1] - endpoint[0])).abs()
     return Attribution(
