@@ -11,6 +11,11 @@ What costs time in an input gradient on CPU, and what is done about it here:
 * **Memory layout.** oneDNN convolutions on CPU run natively on channels-last (NHWC)
   tensors; NCHW pays for reorders in both passes. Whether it pays depends on the model
   and the device, so it is measured on the example shape (``channels_last="auto"``).
+* **The input convolution.** Its input gradient (a transposed convolution down to 3
+  channels) is slow in oneDNN, and a :class:`service.runtime.wrap.Normalized` model divides
+  by ``std`` before it: :mod:`service.engine.stem` takes that gradient as a phase-split
+  ordinary convolution and folds ``1 / std`` into the weights, kept where it is measured
+  faster (``input_conv="auto"``).
 * **Frozen parameters.** No parameter requires grad, so autograd neither keeps the
   tensors a weight gradient would need nor computes one: only ``d/d input`` is built.
 
@@ -36,6 +41,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from service.engine import stem
+
 logger = logging.getLogger(__name__)
 
 ChannelsLast = bool | Literal["auto"]
@@ -53,6 +60,8 @@ class OptimizeReport:
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv, batch norm) names
     channels_last: bool = False
     channels_last_gain: float | None = None  # measured 1 - t(NHWC) / t(NCHW)
+    input_conv: str | None = None  # the convolution replaced by stem.InputConv2d
+    input_conv_gain: float | None = None  # measured 1 - t(with) / t(without)
     notes: list[str] = field(default_factory=list)
 
 
@@ -63,6 +72,7 @@ def optimize_for_inference(
     keep: Collection[str] = (),
     fold_batch_norm: bool = True,
     channels_last: ChannelsLast = "auto",
+    input_conv: ChannelsLast = "auto",
     report: OptimizeReport | None = None,
 ) -> nn.Module:
     """An equivalent frozen copy of ``model`` that is faster to differentiate.
@@ -76,6 +86,9 @@ def optimize_for_inference(
         fold_batch_norm: fold eval-mode ``BatchNorm2d`` into the preceding ``Conv2d``.
         channels_last: ``True``/``False`` to force the layout, ``"auto"`` to time one
             input-gradient pass in each layout and keep NHWC only if it is faster.
+        input_conv: replace the first convolution by :class:`service.engine.stem.InputConv2d`
+            (``True``/``False``), or ``"auto"`` to keep it only if one input-gradient pass is
+            faster with it.
         report: filled with what was done, when given.
 
     Returns:
@@ -98,6 +111,9 @@ def optimize_for_inference(
             else:
                 report.notes.append(f"batch norm not folded: {problem}")
                 logger.warning("batch norm left unfolded: %s", problem)
+
+    if input_conv:
+        optimized = _fold_input_conv(optimized, shape, device, dtype, keep, input_conv, report)
 
     use_nhwc = channels_last
     if channels_last == "auto":
@@ -315,6 +331,52 @@ def _differs(
         if error > rtol * max(scale, 1e-12):
             return f"{key} differs by {error:.3g} (max |value| {scale:.3g})"
     return None
+
+
+# -- input convolution ---------------------------------------------------------------------
+
+
+def _fold_input_conv(
+    model: nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+    keep: Collection[str],
+    mode: ChannelsLast,
+    report: OptimizeReport,
+) -> nn.Module:
+    """``model`` with :func:`stem.fold_input_convolution` applied where it is right and pays."""
+    name = stem.input_convolution(model, _example((1, *shape[1:]), device, dtype, seed=0))
+    if name is None or name in keep or not stem.supports(model.get_submodule(name)):
+        report.notes.append("input convolution kept: none found that can be replaced")
+        return model
+    try:
+        wide = copy.deepcopy(model).to(torch.float64)
+        problem = _differs(
+            wide,
+            stem.fold_input_convolution(copy.deepcopy(wide), name),
+            shape,
+            device,
+            torch.float64,
+            keep,
+            rtol=1e-9,
+        )
+    except RuntimeError as error:  # a model that cannot run in float64
+        problem = f"not checked in float64 ({error})"
+    if problem is not None:
+        report.notes.append(f"input convolution kept: {problem}")
+        return model
+    candidate = stem.fold_input_convolution(copy.deepcopy(model), name)
+    if mode == "auto":
+        inputs = _example(shape, device, dtype, seed=2)
+        t_before, t_after = _time_interleaved(
+            [_gradient_pass(model, inputs), _gradient_pass(candidate, inputs)], device
+        )
+        report.input_conv_gain = 1.0 - t_after / t_before
+        if report.input_conv_gain < CHANNELS_LAST_MIN_GAIN:
+            return model
+    report.input_conv = name
+    return _frozen(candidate)
 
 
 # -- channels last ------------------------------------------------------------------------
