@@ -64,6 +64,51 @@ def write_config(
     return path
 
 
+# TorchServe's own log4j2.xml logs org.pytorch.serve at DEBUG to two appenders, every
+# request to the access log and every worker stdout line to the model log: per request,
+# CPU that the two cores of a small node would rather give the worker. Here: warnings and
+# errors, the frontend's INFO lines (start-up, worker state, one per batch) and the
+# worker's stderr (tracebacks arrive at WARN). Requests are counted and timed by the
+# gateway's Prometheus metrics instead of an access log.
+LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%i.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+      <DefaultRolloverStrategy max="5"/>
+    </RollingFile>
+    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%i.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+      <DefaultRolloverStrategy max="5"/>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
+    <Logger name="MODEL_LOG" level="warn" additivity="false"><AppenderRef ref="model_log"/></Logger>
+    <Logger name="MODEL_METRICS" level="off" additivity="false"/>
+    <Logger name="TS_METRICS" level="off" additivity="false"/>
+    <Logger name="io.netty" level="error"/>
+    <Logger name="org.apache" level="off"/>
+    <Logger name="org.pytorch.serve" level="info" additivity="false">
+      <AppenderRef ref="ts_log"/>
+    </Logger>
+    <Root level="warn"><AppenderRef ref="ts_log"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def write_log_config(path: Path) -> Path:
+    """TorchServe's log4j2 configuration (:data:`LOG_CONFIG`) at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(LOG_CONFIG)
+    return path
+
+
 class TorchServe:
     """One TorchServe in the foreground of its own process group."""
 
@@ -95,6 +140,10 @@ class TorchServe:
             "METRICS_LOCATION": str(log_dir),
             "TMPDIR": str(private_tmp),
         }
+        # The worker alternates torch (gradients) and ONNX Runtime (forwards) on the same
+        # cores, beside the frontend and the gateway: libgomp's default spin-wait after a
+        # parallel region would keep torch's idle threads on the CPU the others need.
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         command = [
             str(Path(sys.executable).parent / "torchserve"),
             "--start",
@@ -103,6 +152,8 @@ class TorchServe:
             "--disable-token-auth",
             "--ts-config",
             str(self.config),
+            "--log-config",
+            str(write_log_config(self.run_dir / "log4j2.xml")),
             "--model-store",
             str(self.model_store),
             "--models",

@@ -1,0 +1,22 @@
+"""The TorchServe launcher's generated files (the integration tests run TorchServe on them)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from service.launcher import write_log_config
+
+
+def test_log_config_keeps_errors_and_drops_per_request_lines(tmp_path: Path) -> None:
+    root = ET.parse(write_log_config(tmp_path / "log4j2.xml")).getroot()
+    levels = {logger.get("name"): logger.get("level") for logger in root.iter("Logger")}
+    # Per-request lines: the access log, worker stdout and the metric log lines.
+    assert levels["ACCESS_LOG"] == "warn"
+    assert levels["MODEL_LOG"] == "warn"  # worker stderr (tracebacks) arrives at WARN
+    assert levels["MODEL_METRICS"] == levels["TS_METRICS"] == "off"
+    # The frontend's own start-up and worker-state lines stay.
+    assert levels["org.pytorch.serve"] == "info"
+    appenders = {a.get("name") for a in root.iter("RollingFile")}
+    refs = {r.get("ref") for r in root.iter("AppenderRef")}
+    assert refs <= appenders
