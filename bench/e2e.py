@@ -7,12 +7,13 @@ synthetic images:
 
 * the in-process baseline: :class:`service.serving.pipeline.Explainer` over
   :func:`service.runtime.artifacts.load_bundle` on the same archive's files, batches of 1
-  and of the served batch size, one after another (the most a host can do with this CPU);
+  of 8 and of 16, one after another on every core (the bar compares with the best of them);
 * throughput (requests/s) and latency at 1, 8 and 16 concurrent clients over gRPC, and
   the p50 overhead at 1 client in milliseconds;
 * TorchServe's batch size, batch delay and worker count: a sweep, each configuration
   registered in turn on the same TorchServe through its management API, throughput at 8
-  and 16 clients; dynamic batching is batch 8 against batch 1 at 16 clients;
+  and 16 clients; dynamic batching is the default batch size against batch 1 (same
+  workers) at 16 clients;
 * the worker's resident memory over a sustained run (``--minutes``, 1 by default; 10 for
   the growth check of the issue), with its slope.
 
@@ -62,24 +63,26 @@ RESULTS = Path(__file__).resolve().parent / "results" / "e2e.md"
 MODEL = "shapes"
 METHOD = "vanilla_gradient"
 THROUGHPUT_BAR = 0.8  # e2e at 8 clients / in process
-BATCHING_BAR = 1.5  # 16 clients: batch 8 / batch 1
+BATCHING_BAR = 1.5  # 16 clients: the default batch size / batch 1
 GROWTH_BAR_MIB = 10.0  # worker RSS growth over the sustained run counted as "no growth"
 COMPONENTS = ("clients + gateway", "TorchServe frontend", "worker")
 SWEEP = (
     # batch 1 with the default's delay and workers: the dynamic batching bar's reference,
     # and the transport overhead at 1 client without TorchServe's batch-fill wait
     BatchConfig(batch_size=1),
-    BatchConfig(batch_size=4),
-    BatchConfig(batch_size=8, max_batch_delay_ms=5),
-    BatchConfig(batch_size=16),
-    BatchConfig(batch_size=4, workers=2),
-    BatchConfig(batch_size=8, workers=2),
-    BatchConfig(batch_size=8, max_batch_delay_ms=5, workers=2),
+    BatchConfig(batch_size=2),
+    BatchConfig(batch_size=8),
+    BatchConfig(batch_size=4, max_batch_delay_ms=5),
+    # one worker with every core, as before the split (threads = CPU quota / workers)
+    BatchConfig(batch_size=4, workers=1),
+    BatchConfig(batch_size=8, workers=1),
+    BatchConfig(batch_size=16, workers=1),
 )
 
 
 def config_name(config: BatchConfig) -> str:
-    return f"b{config.batch_size}-d{config.max_batch_delay_ms}-w{config.workers}"
+    name = f"b{config.batch_size}-d{config.max_batch_delay_ms}-w{config.workers}"
+    return name + (f"-t{config.threads}" if config.threads else "")
 
 
 # -- archive and servers ------------------------------------------------------------------
@@ -523,9 +526,14 @@ def ab_rounds(
 
 
 def parse_config(text: str) -> BatchConfig:
-    """``b8-d5-w2`` -> ``BatchConfig(batch_size=8, max_batch_delay_ms=5, workers=2)``."""
+    """``b8-d5-w2-t1`` -> ``BatchConfig(8, 5, workers=2, threads=1)``; ``-tN`` is optional."""
     parts = dict((p[0], int(p[1:])) for p in text.split("-"))
-    return BatchConfig(batch_size=parts["b"], max_batch_delay_ms=parts["d"], workers=parts["w"])
+    return BatchConfig(
+        batch_size=parts["b"],
+        max_batch_delay_ms=parts["d"],
+        workers=parts["w"],
+        threads=parts.get("t", 0),
+    )
 
 
 @dataclass
@@ -603,7 +611,10 @@ def write(
     base = sweeps[0]
     ok = True
     e2e_8 = base.loads[8].throughput
-    ratio = e2e_8 / inproc[8].throughput
+    # Against the engine's best in-process figure (its largest batch usually), not only
+    # batch 8: the served batch size is a TorchServe setting, the engine's ceiling is not.
+    best_inproc = max(inproc, key=lambda n: inproc[n].throughput)
+    ratio = e2e_8 / inproc[best_inproc].throughput
     overhead_ms = (base.loads[1].percentile(50) - inproc[1].percentile(50)) * 1e3
     reference = dataclasses.replace(base.config, batch_size=1)
     batch1 = next((s for s in sweeps if s.config == reference), None)
@@ -652,13 +663,15 @@ def write(
         "",
         "| bar | measured | bar | met |",
         "|---|---:|---|---|",
-        f"| e2e throughput at 8 clients / in process at batch 8 | {ratio:.2f} | >= "
+        f"| e2e throughput at 8 clients / in process at its best (batch {best_inproc}) | "
+        f"{ratio:.2f} | >= "
         f"{THROUGHPUT_BAR} | {'yes' if met_tp else 'NO'} |",
         f"| p50 overhead at 1 client (e2e p50 - in-process batch-1 p50) | {overhead_ms:.1f} ms "
         "| reported | |",
         f"| p50 overhead at 1 client, batch size 1 (no wait for a batch to fill) | "
         f"{overhead_b1_ms:.1f} ms | reported | |",
-        f"| dynamic batching: 16 clients, batch 8 / batch 1 throughput | {batching:.2f} | >= "
+        f"| dynamic batching: 16 clients, batch {base.config.batch_size} / batch 1 (same "
+        f"workers) throughput | {batching:.2f} | >= "
         f"{BATCHING_BAR} | {'yes' if met_b else 'NO'} |",
         f"| worker RSS over {minutes:.1f} min of 8 clients ({memory.requests} requests): "
         "growth (last quarter - first quarter, first tenth skipped) and slope | "

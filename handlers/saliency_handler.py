@@ -30,6 +30,7 @@ from google.protobuf import json_format
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.errors import EngineError, InvalidInputError
 from service.runtime.artifacts import load_bundle
+from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
 from service.serving.limits import Limits
 from service.serving.pipeline import Event, Explainer, Job, method_enum
@@ -41,6 +42,21 @@ _JSON_MASKS = {
     "threshold": pb.MASK_KIND_THRESHOLD,
     "grabcut": pb.MASK_KIND_GRABCUT,
 }
+
+
+def worker_threads(model_config: dict[str, Any]) -> int:
+    """Threads for torch and ONNX Runtime in one worker.
+
+    ``handler.threads`` of the archive's ``model-config.yaml`` when set, else the
+    container's CPU quota split evenly among the model's workers: workers that each
+    assumed every core would oversubscribe the CPU they share.
+    """
+    handler = model_config.get("handler") or {}
+    threads = int(handler.get("threads") or 0)
+    if threads > 0:
+        return threads
+    workers = int(model_config.get("minWorkers") or 1)
+    return max(1, cpu_quota() // max(1, workers))
 
 
 class SaliencyHandler:
@@ -59,7 +75,9 @@ class SaliencyHandler:
         device = "cpu"
         if gpu_id is not None and torch.cuda.is_available():
             device = f"cuda:{gpu_id}"
-        bundle = load_bundle(Path(props["model_dir"]), device=device)
+        threads = worker_threads(getattr(context, "model_yaml_config", None) or {})
+        torch.set_num_threads(threads)
+        bundle = load_bundle(Path(props["model_dir"]), device=device, intra_op_threads=threads)
         self.explainer = Explainer(bundle, Limits.from_env())
         self.initialized = True
         logger.info(

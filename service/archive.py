@@ -32,16 +32,22 @@ DEFAULT_NAME = "shapes"
 class BatchConfig:
     """TorchServe's per-model batching, chosen by measurement (see bench/)."""
 
-    batch_size: int = 8
+    # Two workers of one thread each on the 2-core reference machine: one worker's serial
+    # phases (PNG decoding and encoding, Python, the socket to the frontend) overlap the
+    # other's convolutions. With 8 clients: 270-279 requests/s against 218-220 for one
+    # worker with both cores at batch 8 (bench/results/e2e.md, alternated A/B).
+    batch_size: int = 4
     max_batch_delay_ms: int = 10
-    workers: int = 1
+    workers: int = 2
     response_timeout_s: int = 120
+    threads: int = 0  # torch and ONNX Runtime threads per worker; 0: CPU quota / workers
 
     def yaml(self) -> str:
         return (
             f"minWorkers: {self.workers}\nmaxWorkers: {self.workers}\n"
             f"batchSize: {self.batch_size}\nmaxBatchDelay: {self.max_batch_delay_ms}\n"
             f"responseTimeout: {self.response_timeout_s}\n"
+            f"handler:\n  threads: {self.threads}\n"
         )
 
 
