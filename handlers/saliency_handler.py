@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -59,6 +60,12 @@ def worker_threads(model_config: dict[str, Any]) -> int:
     return max(1, cpu_quota() // max(1, workers))
 
 
+def worker_precision(model_config: dict[str, Any]) -> str:
+    """``$SALIENCY_PRECISION`` if set (a deployment's choice), else ``handler.precision``."""
+    handler = model_config.get("handler") or {}
+    return os.environ.get("SALIENCY_PRECISION") or str(handler.get("precision") or "float32")
+
+
 class SaliencyHandler:
     """Entry point TorchServe instantiates once per worker."""
 
@@ -75,9 +82,15 @@ class SaliencyHandler:
         device = "cpu"
         if gpu_id is not None and torch.cuda.is_available():
             device = f"cuda:{gpu_id}"
-        threads = worker_threads(getattr(context, "model_yaml_config", None) or {})
+        model_config = getattr(context, "model_yaml_config", None) or {}
+        threads = worker_threads(model_config)
         torch.set_num_threads(threads)
-        bundle = load_bundle(Path(props["model_dir"]), device=device, intra_op_threads=threads)
+        bundle = load_bundle(
+            Path(props["model_dir"]),
+            device=device,
+            intra_op_threads=threads,
+            precision=worker_precision(model_config),
+        )
         self.explainer = Explainer(bundle, Limits.from_env())
         self.initialized = True
         logger.info(

@@ -41,13 +41,14 @@ class BatchConfig:
     workers: int = 2
     response_timeout_s: int = 120
     threads: int = 0  # torch and ONNX Runtime threads per worker; 0: CPU quota / workers
+    precision: str = "float32"  # the torch methods' (Engine); bfloat16 / float16: autocast
 
     def yaml(self) -> str:
         return (
             f"minWorkers: {self.workers}\nmaxWorkers: {self.workers}\n"
             f"batchSize: {self.batch_size}\nmaxBatchDelay: {self.max_batch_delay_ms}\n"
             f"responseTimeout: {self.response_timeout_s}\n"
-            f"handler:\n  threads: {self.threads}\n"
+            f"handler:\n  threads: {self.threads}\n  precision: {self.precision}\n"
         )
 
 

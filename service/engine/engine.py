@@ -23,6 +23,11 @@ from service.engine.types import Attribution, ExplainContext, NumpyForward
 
 DEFAULT_CHUNK_SIZE = 32
 AUTO_LAYER = "auto"
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 class Engine:
@@ -38,6 +43,12 @@ class Engine:
             methods. Without it :meth:`predict_logits` uses the torch model and methods
             with the ``onnx`` backend are unsupported.
         chunk_size: rows per model pass for methods that evaluate many perturbed copies.
+        precision: ``float32`` (default), or ``bfloat16`` / ``float16`` to run the torch
+            methods under ``torch.autocast``: convolutions and matrix products in that
+            precision, reductions and the returned maps in float32. Faster where the
+            device has the units (CUDA tensor cores, AVX512-BF16/AMX on CPUs); the maps
+            then differ from float32 ones within the bounds ``tests/engine/test_precision.py``
+            states.
     """
 
     def __init__(
@@ -48,7 +59,11 @@ class Engine:
         input_shape: tuple[int, int, int],
         forward_numpy: NumpyForward | None = None,
         chunk_size: int | None = None,
+        precision: str = "float32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
         # An exported program's module() refuses eval(); it keeps its exported mode anyway.
@@ -158,7 +173,8 @@ class Engine:
             chunk_size=self.chunk_size,
         )
         ctx.check_deadline()
-        result = spec.fn(ctx, inputs, target_index, **resolved)
+        with self._autocast(spec):
+            result = spec.fn(ctx, inputs, target_index, **resolved)
         batch, _, height, width = inputs.shape
         if tuple(result.maps.shape) != (batch, height, width):
             raise RuntimeError(
@@ -167,6 +183,13 @@ class Engine:
             )
         result.maps = result.maps.to(torch.float32)
         return result
+
+    def _autocast(self, spec: MethodSpec) -> contextlib.AbstractContextManager[object]:
+        """Reduced precision for the torch methods when asked for; ONNX ones run as exported."""
+        dtype = PRECISIONS[self.precision]
+        if dtype is None or spec.backend != "torch":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
 
 def _all_given(targets: TargetSpec) -> bool:

@@ -118,9 +118,17 @@ def load_gradient_model(meta: ModelMeta, model_dir: Path) -> tuple[torch.nn.Modu
 
 
 def load_bundle(
-    model_dir: Path, *, device: str = "cpu", intra_op_threads: int | None = None
+    model_dir: Path,
+    *,
+    device: str = "cpu",
+    intra_op_threads: int | None = None,
+    precision: str = "float32",
 ) -> ModelBundle:
-    """Load ``model_dir`` for serving on ``device`` ("cpu" or "cuda[:N]")."""
+    """Load ``model_dir`` for serving on ``device`` ("cpu" or "cuda[:N]").
+
+    ``precision`` is the torch methods' (:class:`service.engine.engine.Engine`); the ONNX
+    forward always runs the exported float32 graph.
+    """
     meta = ModelMeta.read(model_dir)
     model, source = load_gradient_model(meta, model_dir)
     model = model.to(device)
@@ -138,5 +146,6 @@ def load_bundle(
         target_layer=target_layer,
         input_shape=meta.input_size,
         forward_numpy=forward,
+        precision=precision,
     )
     return ModelBundle(meta=meta, engine=engine, forward=forward, gradient_source=source)

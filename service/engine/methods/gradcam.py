@@ -46,8 +46,9 @@ def layer_activations_and_gradients(
             (grad,) = torch.autograd.grad(selected.sum(), activation, allow_unused=True)
         if grad is None:
             raise UnsupportedMethodError("the logits do not depend on the target layer")
-        acts.append(activation.detach())
-        grads.append(grad.detach())
+        # float32 whatever the layer computed in (autocast): the CAM sums run at full precision
+        acts.append(activation.detach().float())
+        grads.append(grad.detach().float())
     return torch.cat(acts), torch.cat(grads)
 
 

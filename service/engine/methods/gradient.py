@@ -65,7 +65,7 @@ def target_gradients(
         leaf = rows.detach().requires_grad_(True)
         selected = target_logits(model(leaf), targets)
         (grad,) = torch.autograd.grad(selected.sum(), leaf)
-    return grad.detach(), selected.detach()
+    return grad.detach(), selected.detach().float()  # float32 under autocast too
 
 
 def batch_gradients(
