@@ -684,13 +684,15 @@ def write(
         f"{BATCHING_BAR} | {'yes' if met_b else 'NO'} |",
         f"| dynamic batching, one worker with both cores: 16 clients, batch 8 / batch 1 | "
         f"{batching_w1:.2f} | reported | |",
-        f"| worker RSS over {minutes:.1f} min of 8 clients ({memory.requests} requests): "
+        f"| worker RSS (sum over the model's {base.config.workers} workers) over "
+        f"{minutes:.1f} min of 8 clients ({memory.requests} requests): "
         "growth (last quarter - first quarter, first tenth skipped) and slope | "
         f"{memory.growth_mib:+.1f} MiB, {memory.slope_mib_per_min:+.2f} MiB/min | no growth "
         f"(< {GROWTH_BAR_MIB:g} MiB){'' if minutes >= 10 else '; run --minutes 10 for the bar'} "
         f"| {'yes' if abs(memory.growth_mib) < GROWTH_BAR_MIB else 'NO'} |",
         "",
-        f"Worker resident memory during the sustained run: {min(memory.rss_mib):.0f} to "
+        f"Worker resident memory (sum over {base.config.workers} workers) during the "
+        f"sustained run: {min(memory.rss_mib):.0f} to "
         f"{max(memory.rss_mib):.0f} MiB (samples: "
         + " ".join(f"{v:.0f}" for v in memory.rss_mib)
         + ").",
