@@ -141,7 +141,8 @@ class _PhaseGradConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         conv: InputConv2d = ctx.conv
-        kernel, q_max, stride = conv.phase_kernel, conv.q_max, conv.stride[0]
+        # Under autocast the gradient arrives in bfloat16/float16; match it explicitly.
+        kernel, q_max, stride = conv.phase_kernel.to(grad.dtype), conv.q_max, conv.stride[0]
         return phase_input_gradient(grad, kernel, q_max, stride, ctx.input_size), None
 
 

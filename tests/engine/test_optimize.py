@@ -50,14 +50,20 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
     assert error <= RTOL * scale, f"{what}: max |diff| {error:.3g} > {RTOL} x {scale:.3g}"
 
 
+@pytest.mark.parametrize("input_conv", [False, True], ids=["no_stem", "stem"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_explanations_unchanged(case: str, channels_last: bool) -> None:
+def test_explanations_unchanged(case: str, channels_last: bool, input_conv: bool) -> None:
     make, layer, size = CASES[case]
     model = make()
     report = OptimizeReport()
     optimized = optimize_for_inference(
-        model, (3, size, size), keep=[layer], channels_last=channels_last, report=report
+        model,
+        (3, size, size),
+        keep=[layer],
+        channels_last=channels_last,
+        input_conv=input_conv,
+        report=report,
     )
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert len(report.folded) == n_bn, report.notes

@@ -38,8 +38,11 @@ def _top_iou(a: torch.Tensor, b: torch.Tensor, fraction: float = 0.1) -> float:
 
 @pytest.fixture(scope="module")
 def engines(default_case: ModelCase) -> tuple[Engine, Engine, torch.Tensor]:
-    model = optimize_for_inference(
-        default_case.model, default_case.input_shape, keep=[default_case.target_layer]
+    model = optimize_for_inference(  # the phase-split stem too, whatever timing would pick
+        default_case.model,
+        default_case.input_shape,
+        keep=[default_case.target_layer],
+        input_conv=True,
     )
     common = {"target_layer": default_case.target_layer, "input_shape": default_case.input_shape}
     size = default_case.input_shape[-1]

@@ -120,3 +120,17 @@ def test_fold_leaves_a_plain_model_wrapperless() -> None:
     assert name == "0"
     folded = fold_input_convolution(net, name)
     assert folded is net and isinstance(net[0], InputConv2d)
+
+
+def test_input_conv_gradient_under_bfloat16_autocast() -> None:
+    gen = torch.Generator().manual_seed(2)
+    conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    mean, std = torch.tensor([0.5] * 3), torch.tensor([0.25] * 3)
+    folded = InputConv2d(conv, mean, std)
+    x = torch.rand((2, 3, 16, 16), generator=gen, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = folded(x)
+        (got,) = torch.autograd.grad(out.float().sum(), x)
+    (want,) = torch.autograd.grad(conv((x - 0.5) / 0.25).sum(), x)
+    assert out.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert float((got - want).abs().max()) <= 1e-2 * float(want.abs().max())

@@ -198,8 +198,9 @@ def integrated_gradients(
         grads, logits = target_gradients(model, path, targets[item])
         total.index_add_(0, item, grads.to(torch.float64) * step_weights[step].view(-1, 1, 1, 1))
         for slot, index in enumerate((start, end)):
-            hit = step == index
-            endpoint[slot, item[hit]] = logits[hit].to(torch.float64)
+            if index is not None:  # the rule evaluates this end itself
+                hit = step == index
+                endpoint[slot, item[hit]] = logits[hit].to(torch.float64)
     missing = [slot for slot, index in enumerate((start, end)) if index is None]
     if missing:
         images = torch.cat([(ref, inputs)[slot] for slot in missing])
