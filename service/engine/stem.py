@@ -10,14 +10,15 @@ does not have:
   phase, a stride-``s`` transposed convolution is ``s * s`` ordinary stride-1 convolutions
   of the incoming gradient (Dumoulin & Visin 2016, "A guide to convolution arithmetic";
   the sub-pixel convolution of Shi et al. 2016 read backwards). Stacked as one convolution
-  with ``3 * s * s`` output channels and interleaved by ``pixel_shuffle``, it takes the
-  same multiply-adds as the forward and runs at forward speed (8 ms; 12 ms with the
-  interleave and crop).
+  with ``3 * s * s`` output channels and interleaved (the permutation ``pixel_shuffle``
+  does), it takes the same multiply-adds as the forward and runs at forward speed: 8 ms for
+  the convolution, about 10 ms with the interleave and crop.
 * **Pixel normalisation.** ``(x - mean) / std`` costs a subtraction and a division in the
-  forward and a division in the backward, each a pass over the input batch (10% of a
-  gradient pass on the default 128x128 model). ``1 / std`` folds into the convolution's
-  weights per input channel; the subtraction stays, because the convolution's zero padding
-  must stay zero *after* normalisation, i.e. the mean in pixel units.
+  forward and a division in the backward, each a pass over the input batch (8% of a
+  gradient pass on the default 128x128 model, by the profiler). ``1 / std`` folds into the
+  convolution's weights per input channel; the subtraction stays, because the
+  convolution's zero padding must stay zero *after* normalisation, i.e. the mean in pixel
+  units.
 
 :func:`fold_input_convolution` replaces the first convolution by :class:`InputConv2d`,
 whose backward is the phase-split convolution, and drops the normalisation into it when
