@@ -94,7 +94,13 @@ class SaliencyHandler:
         self.explainer = Explainer(bundle, Limits.from_env())
         self.initialized = True
         logger.info(
-            "saliency handler ready: %s %s on %s", bundle.meta.name, bundle.meta.version, device
+            "saliency handler ready: %s %s on %s, %d threads, %s, %d rows per pass",
+            bundle.meta.name,
+            bundle.meta.version,
+            device,
+            threads,
+            bundle.engine.precision,
+            bundle.engine.chunk_size,
         )
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes | str]:
