@@ -64,12 +64,12 @@ def write_config(
     return path
 
 
-# TorchServe's own log4j2.xml logs org.pytorch.serve at DEBUG to two appenders, every
-# request to the access log and every worker stdout line to the model log: per request,
-# CPU that the two cores of a small node would rather give the worker. Here: warnings and
-# errors, the frontend's INFO lines (start-up, worker state, one per batch) and the
-# worker's stderr (tracebacks arrive at WARN). Requests are counted and timed by the
-# gateway's Prometheus metrics instead of an access log.
+# TorchServe's own log4j2.xml logs org.pytorch.serve at DEBUG to two appenders (a file and
+# stdout) and every request to an access log: per request, CPU that the two cores of a
+# small node would rather give the worker. Here: warnings and errors, the frontend's INFO
+# lines (start-up, worker state, a few per batch, one appender) and all worker output (the
+# worker logs to stdout, so its logged exceptions arrive at INFO). Requests are counted and
+# timed by the gateway's Prometheus metrics instead of an access log.
 LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
 <Configuration>
   <Appenders>
@@ -88,7 +88,7 @@ LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
   </Appenders>
   <Loggers>
     <Logger name="ACCESS_LOG" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
-    <Logger name="MODEL_LOG" level="warn" additivity="false"><AppenderRef ref="model_log"/></Logger>
+    <Logger name="MODEL_LOG" level="info" additivity="false"><AppenderRef ref="model_log"/></Logger>
     <Logger name="MODEL_METRICS" level="off" additivity="false"/>
     <Logger name="TS_METRICS" level="off" additivity="false"/>
     <Logger name="io.netty" level="error"/>

@@ -16,6 +16,7 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.client import SaliencyClient, decode_map, decode_mask
 from service.engine.registry import method_names
+from service.runtime.onnx_forward import cpu_quota
 from service.serving.pipeline import method_enum
 
 pytestmark = pytest.mark.integration
@@ -256,3 +257,18 @@ def test_cancelling_a_stream_stops_its_work_and_frees_the_worker(
     assert client.explain(data, methods=["vanilla_gradient"], timeout=30).explanations
     elapsed = time.perf_counter() - start
     assert elapsed < 8.0, f"next request waited {elapsed:.1f}s behind the cancelled Sobol"
+
+
+def test_torchserve_keeps_worker_output_but_no_access_log(
+    torchserve, client: SaliencyClient
+) -> None:  # type: ignore[no-untyped-def]
+    client.model_info()  # at least one request through the frontend
+    logs = torchserve.run_dir / "logs"
+    # The handler's start-up line (worker stdout, INFO) reaches the model log...
+    model_log = (logs / "model_log.log").read_text()
+    assert "saliency handler ready" in model_log and "rows per pass" in model_log
+    # ...with the CPU quota split between the fixture's two workers.
+    assert f", {max(1, cpu_quota() // 2)} threads," in model_log
+    # ...and no request is written to an access log.
+    access = logs / "access_log.log"
+    assert not access.exists() or "shapes" not in access.read_text()
