@@ -47,7 +47,7 @@ import numpy as np
 import psutil
 import torch
 
-from bench.machine import add_omp_policy_argument, cpu_model, rerun_with_omp_policy
+from bench.machine import add_omp_policy_argument, cpu_model, rerun_with_omp_policy, write_report
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.archive import BatchConfig
@@ -755,9 +755,7 @@ def write(
             p50 = " ".join(f"{r.loads[16].percentile(50) * 1e3:.0f}" for r in mine)
             lines.append(f"| {name} | {rates[0]} | {rates[1]} | {p50} |")
     lines.append("")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(out, lines)
     return ok
 
 

@@ -10,6 +10,13 @@ import sys
 from pathlib import Path
 
 
+def write_report(out: Path, lines: list[str]) -> None:
+    """Write a results table to ``out`` (creating its folder) and echo it to stdout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
 def cpu_model() -> str:
     """The CPU's marketing name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:

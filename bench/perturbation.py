@@ -38,7 +38,7 @@ import onnxruntime as ort
 import torch
 from captum.attr import Occlusion
 
-from bench.machine import cpu_model
+from bench.machine import cpu_model, write_report
 from service.engine.registry import get_method
 from service.engine.types import ExplainContext
 from service.runtime.onnx_forward import OnnxForward, cpu_quota
@@ -286,9 +286,7 @@ def run(repeats: int = 5, chunk_size: int = 32, out: Path = RESULTS) -> bool:
             f"{f'>= {CAPTUM_BAR}x' if bar else ''} | {('yes' if met else 'NO') if bar else ''} |"
         )
     lines.append("")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(out, lines)
     return ok
 
 

@@ -49,7 +49,13 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 from torch import nn
 
-from bench.machine import add_omp_policy_argument, bf16_units, cpu_model, rerun_with_omp_policy
+from bench.machine import (
+    add_omp_policy_argument,
+    bf16_units,
+    cpu_model,
+    rerun_with_omp_policy,
+    write_report,
+)
 from bench.resnet import TARGET_LAYER as RESNET_LAYER
 from bench.resnet import resnet18_pixels
 from service.engine.engine import Engine
@@ -590,9 +596,7 @@ def write(
         case_text, case_ok = case_lines(result)
         lines += case_text
         ok &= case_ok
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_report(out, lines)
     return ok
 
 
