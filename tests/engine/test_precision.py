@@ -6,7 +6,8 @@ images, predicted class): the cosine similarity of the two maps, and the overlap
 their top 10% pixels by magnitude. Measured on the development CPU (AVX512-BF16) over 32
 held-out images, worst image: vanilla gradient 0.983 / 0.865, SmoothGrad-16 0.997 / 0.904,
 Integrated Gradients 0.995 / 0.920, Grad-CAM 1.000 / 0.987; the bounds leave a margin.
-float16 is checked on CUDA only (CPU autocast to float16 exists but is a slow emulation).
+float16 is meant for CUDA tensor cores and is not checked here: no GPU was available, and
+CPU autocast to float16 is a slow emulation.
 """
 
 from __future__ import annotations
