@@ -107,10 +107,11 @@ def optimize_for_inference(
     if fold_batch_norm:
         pairs = [p for p in _conv_bn_pairs(optimized, shape, device, dtype) if p[0] not in keep]
         if pairs:
-            problem = _check_fold(optimized, pairs, shape, device, dtype, keep)
+            problem = _check_rewrite(
+                optimized, _fold_all(pairs), shape, device, dtype, keep, fallback_rtol=1e-3
+            )
             if problem is None:
-                for conv_name, bn_name in pairs:
-                    _fold(optimized, conv_name, bn_name)
+                _fold_all(pairs)(optimized)
                 report.folded = pairs
             else:
                 report.notes.append(f"batch norm not folded: {problem}")
@@ -251,35 +252,45 @@ def _fold(model: nn.Module, conv_name: str, bn_name: str) -> None:
     setattr(parent, child, nn.Identity())
 
 
-def _check_fold(
+def _check_rewrite(
     reference: nn.Module,
-    pairs: Sequence[tuple[str, str]],
+    rewrite: Callable[[nn.Module], nn.Module],
     shape: tuple[int, ...],
     device: torch.device,
     dtype: torch.dtype,
     keep: Collection[str],
+    fallback_rtol: float | None,
 ) -> str | None:
-    """Why folding ``pairs`` changes the model, or ``None`` when the function is the same.
+    """Why ``rewrite`` (applied to a copy) changes the model, or ``None`` when it does not.
 
-    The fold is replayed on a float64 copy and compared with the float64 original: a
-    correct fold agrees to ~1e-12 there, and a wrong one (a convolution output that is also
-    used elsewhere) is off by orders of magnitude more. In float32 the two would differ by
-    rounding alone, which a ReLU network amplifies in its input gradient (a unit whose
+    The rewrite is replayed on a float64 copy and compared with the float64 original: a
+    correct rewrite agrees to ~1e-12 there, and a wrong one (a convolution output that is
+    also used elsewhere) is off by orders of magnitude more. In float32 the two would differ
+    by rounding alone, which a ReLU network amplifies in its input gradient (a unit whose
     pre-activation is within rounding of zero can switch), so a float32 comparison cannot
     tell a bug from rounding. A model that cannot run in float64 is compared in its own
-    dtype with a looser bound.
+    dtype with ``fallback_rtol``, or refused when that is ``None``.
     """
     try:
         wide = copy.deepcopy(reference).to(torch.float64)
-        folded = copy.deepcopy(wide)
+        rewritten = rewrite(copy.deepcopy(wide))
+        return _differs(wide, rewritten, shape, device, torch.float64, keep, rtol=1e-9)
+    except RuntimeError as error:
+        if fallback_rtol is None:
+            return f"not checked in float64 ({error})"
+        rewritten = rewrite(copy.deepcopy(reference))
+        return _differs(reference, rewritten, shape, device, dtype, keep, rtol=fallback_rtol)
+
+
+def _fold_all(pairs: Sequence[tuple[str, str]]) -> Callable[[nn.Module], nn.Module]:
+    """A rewrite folding every ``(conv, bn)`` pair of ``pairs`` (in place, returning the model)."""
+
+    def rewrite(model: nn.Module) -> nn.Module:
         for conv_name, bn_name in pairs:
-            _fold(folded, conv_name, bn_name)
-        return _differs(wide, folded, shape, device, torch.float64, keep, rtol=1e-9)
-    except RuntimeError:
-        folded = copy.deepcopy(reference)
-        for conv_name, bn_name in pairs:
-            _fold(folded, conv_name, bn_name)
-        return _differs(reference, folded, shape, device, dtype, keep, rtol=1e-3)
+            _fold(model, conv_name, bn_name)
+        return model
+
+    return rewrite
 
 
 def _differs(
@@ -354,29 +365,17 @@ def _fold_input_conv(
     if name is None or name in keep or not stem.supports(model.get_submodule(name)):
         report.notes.append("input convolution kept: none found that can be replaced")
         return model
-    try:
-        wide = copy.deepcopy(model).to(torch.float64)
-        problem = _differs(
-            wide,
-            stem.fold_input_convolution(copy.deepcopy(wide), name),
-            shape,
-            device,
-            torch.float64,
-            keep,
-            rtol=1e-9,
-        )
-    except RuntimeError as error:  # a model that cannot run in float64
-        problem = f"not checked in float64 ({error})"
+
+    def rewrite(copy_of_model: nn.Module) -> nn.Module:
+        return stem.fold_input_convolution(copy_of_model, name)
+
+    problem = _check_rewrite(model, rewrite, shape, device, dtype, keep, fallback_rtol=None)
     if problem is not None:
         report.notes.append(f"input convolution kept: {problem}")
         return model
-    candidate = stem.fold_input_convolution(copy.deepcopy(model), name)
+    candidate = rewrite(copy.deepcopy(model))
     if mode == "auto":
-        inputs = _example(shape, device, dtype, seed=2)
-        t_before, t_after = _time_interleaved(
-            [_gradient_pass(model, inputs), _gradient_pass(candidate, inputs)], device
-        )
-        report.input_conv_gain = 1.0 - t_after / t_before
+        report.input_conv_gain = _measured_gain(model, candidate, shape, device, dtype)
         if report.input_conv_gain <= INPUT_CONV_MIN_GAIN:
             return model
     report.input_conv = name
@@ -468,12 +467,23 @@ def _channels_last_gain(
     """``1 - t(NHWC) / t(NCHW)`` of one input-gradient pass on ``shape``."""
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return 0.0
-    inputs = _example(shape, device, dtype, seed=2)
     nhwc = _to_channels_last(copy.deepcopy(model))
-    t_nchw, t_nhwc = _time_interleaved(
-        [_gradient_pass(model, inputs), _gradient_pass(nhwc, inputs)], device
+    return _measured_gain(model, nhwc, shape, device, dtype)
+
+
+def _measured_gain(
+    before: nn.Module,
+    after: nn.Module,
+    shape: tuple[int, ...],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> float:
+    """``1 - t(after) / t(before)`` of one input-gradient pass on ``shape``, timed in turn."""
+    inputs = _example(shape, device, dtype, seed=2)
+    t_before, t_after = _time_interleaved(
+        [_gradient_pass(before, inputs), _gradient_pass(after, inputs)], device
     )
-    return 1.0 - t_nhwc / t_nchw
+    return 1.0 - t_after / t_before
 
 
 def choose_chunk_size(
