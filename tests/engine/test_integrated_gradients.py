@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import cv2
 import numpy as np
 import pytest
@@ -62,6 +64,7 @@ def test_completeness_error_shrinks_with_steps(
 ) -> None:
     x = images(2, seed=6)
     errors = []
+    floor = 0.0
     for n_steps in (8, 32, 128):
         params: dict[str, ParamValue] = {
             "n_steps": n_steps,
@@ -71,7 +74,16 @@ def test_completeness_error_shrinks_with_steps(
         result = smooth_engine.explain(x, [1, 2], "integrated_gradients", params)
         assert result.completeness_error is not None
         errors.append(float(result.completeness_error.mean()))
-    assert errors[0] > errors[1] > errors[2]
+        # The error cannot go below float32 rounding of the sum it is measured on: a
+        # few dozen ulps of |f(x) - f(x')| (the maps sum to it within the error itself).
+        explained = float(result.maps.flatten(1).sum(dim=1).abs().mean())
+        floor = max(floor, 32 * float(torch.finfo(torch.float32).eps) * explained)
+    # Quadrature error shrinks with more nodes until it reaches that floor; once there,
+    # further differences are rounding noise (Gauss-Legendre reaches it at 8 nodes on a
+    # smooth integrand), so a strict decrease is only asserted above the floor.
+    for coarse, fine in itertools.pairwise(errors):
+        assert fine < coarse or fine <= floor, (errors, floor)
+    assert errors[-1] <= max(floor, 0.5 * errors[0]), (errors, floor)
     # Relative to the logit difference being explained, the default-size error is small.
     params = {"integration": integration, "baseline": baseline}  # default n_steps
     result = smooth_engine.explain(x, [1, 2], "integrated_gradients", params)
