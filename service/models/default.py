@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 
+from service.engine.modules import freeze
 from service.models import synthetic
 from service.models.net import DEFAULT_TARGET_LAYER, SaliencyNet
 from service.models.train import TrainConfig, train
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 MODEL_NAME = "shapes-cnn"
 WEIGHTS_FILE = "weights.pt"

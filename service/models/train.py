@@ -25,9 +25,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service.engine.modules import freeze
 from service.models import synthetic
 from service.models.net import SaliencyNet
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 ARCH_VERSION = 2  # bump when SaliencyNet changes in a way old weights do not fit
 
