@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from service.runtime.optimize.batchnorm_fold import randomize_batch_norm
+
 TARGET_LAYER = "model.layer4"
 """Grad-CAM layer inside the pixel-space wrapper (``service.runtime.wrap.Normalized``)."""
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -67,14 +69,9 @@ class ResNet18(nn.Module):
                 if isinstance(module, nn.Conv2d):
                     fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
                     module.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
-                elif isinstance(module, nn.BatchNorm2d):
-                    assert module.running_mean is not None and module.running_var is not None
-                    module.weight.uniform_(0.5, 1.5, generator=gen)
-                    module.bias.normal_(0.0, 0.1, generator=gen)
-                    module.running_mean.normal_(0.0, 0.1, generator=gen)
-                    module.running_var.uniform_(0.5, 2.0, generator=gen)
             self.fc.weight.normal_(0.0, 0.01, generator=gen)
             self.fc.bias.zero_()
+        randomize_batch_norm(self, seed=seed + 1)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ load from other processes hits all of them alike, each ratio taken within a repe
 the median over repeats reported:
 
 * plain eager forward of the model as given (``inference_mode``), of our optimised copy
-  (:func:`service.engine.optimize.optimize_for_inference`), and ONNX Runtime (the
+  (:func:`service.runtime.optimize.optimize_for_inference`), and ONNX Runtime (the
   artifact the archive ships, through :class:`service.runtime.onnx_forward.OnnxForward`)
   at batch 1 and 8;
 * our ``vanilla_gradient`` (the engine on the optimised model) against Captum's
@@ -59,13 +59,13 @@ from bench.machine import (
 from bench.resnet import TARGET_LAYER as RESNET_LAYER
 from bench.resnet import resnet18_pixels
 from service.engine.engine import Engine
-from service.engine.optimize import (
+from service.runtime.onnx_forward import OnnxForward, cpu_quota
+from service.runtime.optimize import (
     OptimizeReport,
     activation_bytes_per_image,
     choose_chunk_size,
     optimize_for_inference,
 )
-from service.runtime.onnx_forward import OnnxForward, cpu_quota
 
 MODULE = "bench.speed"
 RESULTS = Path(__file__).resolve().parent / "results" / "speed.md"
@@ -586,7 +586,7 @@ def write(
         f"{load[0]:.2f} before, {load[1]:.2f} after (a shared machine: spread shows in the "
         "per-repeat columns)",
         "- ours = the engine (`Engine.explain`, as served) on the optimised copy of the model "
-        "(`service.engine.optimize`: batch norm folded, the input convolution's gradient "
+        "(`service.runtime.optimize`: batch norm folded, the input convolution's gradient "
         "taken by phases, channels-last where measured faster, parameters frozen); Captum and "
         "the plain forward run on the model as given",
         "",

@@ -25,8 +25,8 @@ import torch
 
 from service.engine.engine import Engine
 from service.engine.modules import freeze
-from service.engine.optimize import choose_chunk_size, optimize_for_inference
 from service.runtime.onnx_forward import OnnxForward
+from service.runtime.optimize import choose_chunk_size, optimize_for_inference
 from service.runtime.wrap import Normalized
 
 META_FILE = "model.json"

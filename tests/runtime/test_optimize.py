@@ -7,13 +7,15 @@ import torch
 from torch import nn
 
 from service.engine.engine import Engine
-from service.engine.optimize import (
+from service.engine.modules import freeze
+from service.models.net import DEFAULT_TARGET_LAYER, SaliencyNet
+from service.runtime.optimize import (
     OptimizeReport,
     activation_bytes_per_image,
     choose_chunk_size,
     optimize_for_inference,
 )
-from service.models.net import DEFAULT_TARGET_LAYER, SaliencyNet
+from service.runtime.optimize.batchnorm_fold import randomize_batch_norm
 from service.runtime.wrap import Normalized
 from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, images
 
@@ -25,16 +27,7 @@ DEFAULT_SIZE = 128
 def default_architecture() -> nn.Module:
     """The default model's architecture, random weights and non-trivial batch-norm stats."""
     torch.manual_seed(0)
-    net = SaliencyNet(num_classes=6)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.weight.uniform_(0.5, 1.5, generator=gen)
-                module.bias.normal_(0.0, 0.2, generator=gen)
-                module.running_mean.normal_(0.0, 0.2, generator=gen)
-                module.running_var.uniform_(0.5, 2.0, generator=gen)
+    net = randomize_batch_norm(SaliencyNet(num_classes=6), seed=1, spread=0.2)
     return Normalized(net, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).eval()
 
 
@@ -165,7 +158,7 @@ def test_shared_batch_norm_not_folded() -> None:
 def test_activation_memory_drops() -> None:
     model = default_architecture()
     optimized = optimize_for_inference(model, (3, 64, 64), channels_last=False)
-    before = activation_bytes_per_image(model.requires_grad_(False), (3, 64, 64))
+    before = activation_bytes_per_image(freeze(model), (3, 64, 64))
     after = activation_bytes_per_image(optimized, (3, 64, 64))
     assert 0 < after < before
 
