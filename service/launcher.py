@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
+
+import psutil
 
 from service.gateway.upstream import MAX_MESSAGE_BYTES
 
@@ -176,9 +179,9 @@ class TorchServe:
             str(write_log_config(self.run_dir / "log4j2.xml")),
             "--model-store",
             str(self.model_store),
-            "--models",
-            *[f"{name}={mar}" for name, mar in self.models.items()],
         ]
+        if self.models:  # none: the management API registers them later
+            command += ["--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
         self._log = (self.run_dir / "torchserve.out").open("ab")
         self.process = subprocess.Popen(
             command,
@@ -190,7 +193,14 @@ class TorchServe:
         )
 
     def ready(self) -> bool:
-        """Every model has a READY worker (TorchServe's management API)."""
+        """The frontend answers, and every model has a READY worker (management API)."""
+        try:  # with no model to ask about, the frontend's answer is the whole question
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ports.management}/models", timeout=2
+            ):
+                pass
+        except (urllib.error.URLError, OSError):
+            return False
         for name in self.models:
             url = f"http://127.0.0.1:{self.ports.management}/models/{name}"
             try:
@@ -214,13 +224,22 @@ class TorchServe:
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.run_dir}/logs")
 
     def stop(self, timeout: float = 20.0) -> None:
+        """Stop the launcher, the Java frontend and its workers; return once all are gone.
+
+        The launcher exits before the frontend has finished shutting down, so waiting for
+        it alone would return while ports are still bound and workers still run.
+        """
         if self.process is not None and self.process.poll() is None:
-            # The whole group: the launcher, the Java frontend and its Python workers.
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
+            group = self.process.pid  # its own session: the group id is its pid
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and (
+                self.process.poll() is None or _group_alive(group)
+            ):
+                time.sleep(0.1)
+            if self.process.poll() is None or _group_alive(group):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
                 self.process.wait()
         if self._log is not None:  # also after an early exit, which wait_ready reports
             self._log.close()
@@ -231,3 +250,14 @@ class TorchServe:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of process group ``group`` still runs (zombies do not count)."""
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):  # gone between the listing and the question
+            continue
+    return False

@@ -116,7 +116,8 @@ class Gateway:
         await self.server.stop(grace)
         await self.upstream.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.shutdown()  # stops serving; the socket stays bound until
+            self._metrics_server.server_close()  # closed here, not when it is collected
 
 
 async def start_gateway(config: GatewayConfig) -> Gateway:

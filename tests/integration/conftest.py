@@ -14,7 +14,7 @@ from service.archive import BatchConfig, build_default_archive
 from service.client import SaliencyClient
 from service.launcher import TorchServe
 from service.models.synthetic import generate
-from service.stack import RunningGateway, running_gateway, running_torchserve
+from service.stack import RunningGateway, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -28,16 +28,20 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
+def stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("ts-run")  # kept after the session: its logs
-    with running_torchserve(model_store, {"shapes": "shapes.mar"}, run_dir) as server:
-        yield server
+    with running_stack(model_store, {"shapes": "shapes.mar"}, run_dir) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
-def gateway(torchserve: TorchServe) -> Iterator[RunningGateway]:
-    with running_gateway(torchserve, health_interval_s=0.5) as started:
-        yield started
+def torchserve(stack: Stack) -> TorchServe:
+    return stack.torchserve
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: Stack) -> RunningGateway:
+    return stack.gateway
 
 
 @pytest.fixture(scope="session")
