@@ -10,12 +10,14 @@ from tests.import_graph import Room, Tree, cycles
 
 def read_tree(root: Path, spec: str) -> Tree:
     """The tree of ``app`` written under ``root`` from ``spec``: a ``== path`` line per file,
-    then its text."""
+    then its text; every folder without an ``__init__.py`` gets an empty one."""
     for chunk in textwrap.dedent(spec).split("== ")[1:]:
         name, _, text = chunk.partition("\n")
         path = root / name.strip()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    for folder in [root / "app", *(root / "app").rglob("*/")]:
+        (folder / "__init__.py").touch()
     return Tree.read(root, ["app"])
 
 
@@ -23,7 +25,6 @@ def test_checker_finds_module_cycles_lazy_ones_too_but_not_type_only_ones(tmp_pa
     tree = read_tree(
         tmp_path,
         """
-        == app/__init__.py
         == app/a.py
         from app import b
         == app/b.py
@@ -54,12 +55,9 @@ def test_checker_counts_lazy_imports_between_packages(tmp_path: Path) -> None:
     tree = read_tree(
         tmp_path,
         """
-        == app/__init__.py
-        == app/low/__init__.py
         == app/low/x.py
         def f():
             from app.high import y
-        == app/high/__init__.py
         == app/high/y.py
         from ..low.x import f
         """,
@@ -73,8 +71,6 @@ def test_checker_names_the_line_that_breaks_a_room_rule(tmp_path: Path) -> None:
     tree = read_tree(
         tmp_path,
         """
-        == app/__init__.py
-        == app/core/__init__.py
         == app/core/ok.py
         import numpy
         import grpcio_like
@@ -96,7 +92,6 @@ def test_checker_resolves_relative_and_from_imports(tmp_path: Path) -> None:
     tree = read_tree(
         tmp_path,
         """
-        == app/__init__.py
         == app/pkg/__init__.py
         from .mod import thing
         == app/pkg/mod.py
@@ -115,7 +110,6 @@ def test_checker_keeps_a_room_to_the_standard_library_and_what_it_allows(tmp_pat
     tree = read_tree(
         tmp_path,
         """
-        == app/__init__.py
         == app/wire/__init__.py
         from __future__ import annotations
         import json
