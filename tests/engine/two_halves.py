@@ -24,7 +24,7 @@ from torch import nn
 from service.engine.cam_layer import tokens_to_map
 from service.engine.engine import Engine
 from service.engine.layer_finder import find_cam_layer
-from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO
+from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, Classifier
 from service.runtime.wrap import Normalized, freeze
 
 SIZE = 64  # image side; each half is SIZE x SIZE/2
@@ -57,12 +57,12 @@ class TwoHalves(nn.Module):
         seed: seeds the head's positive weights.
     """
 
-    def __init__(self, backbone: nn.Module, seed: int = 0) -> None:
+    def __init__(self, backbone: Classifier, seed: int = 0) -> None:
         super().__init__()
         self.backbone = backbone
         self.halves = HalfMasks()
         self.pool = nn.AdaptiveAvgPool2d(1)
-        channels = int(backbone.num_features)  # type: ignore[arg-type]
+        channels = backbone.num_features
         self.head = nn.Linear(2 * channels, 2, bias=False)
         gen = torch.Generator().manual_seed(seed)
         weight = torch.zeros(2, 2 * channels)
@@ -74,13 +74,13 @@ class TwoHalves(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, width = x.shape[0], x.shape[-1]
         both = torch.cat([x[..., : width // 2], x[..., width // 2 :]], dim=0)
-        features = self.backbone.forward_features(both)  # type: ignore[operator]
+        features = self.backbone.forward_features(both)
         if features.dim() == 3:  # ViT tokens: the patch grid of one half-image
-            prefix = int(self.backbone.num_prefix_tokens)  # type: ignore[arg-type]
+            prefix = int(self.backbone.num_prefix_tokens)
             grid = (x.shape[-2] // PATCH, width // 2 // PATCH)
             features = tokens_to_map(features, grid, prefix)
         side_by_side = torch.cat([features[:n], features[n:]], dim=-1)
-        return self.head(self.pool(self.halves(side_by_side)).flatten(1))  # type: ignore[no-any-return]
+        return self.head(self.pool(self.halves(side_by_side)).flatten(1))
 
 
 def two_halves_engine(name: str, seed: int = 0) -> Engine:

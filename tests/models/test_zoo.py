@@ -76,13 +76,13 @@ def test_tiny_shapes(name: str) -> None:
     logits = model(x)
     assert logits.shape == (2, CLASSES) and logits.dtype == torch.float32
     assert bool(torch.isfinite(logits).all())
-    features = model.forward_features(x)  # type: ignore[operator]
+    features = model.forward_features(x)
     if name.startswith("vit"):
         prefix = int(model.num_prefix_tokens)
         assert features.shape == (2, prefix + (SIZE // 8) ** 2, model.num_features)
     else:  # every CNN here downsamples by 32
         assert features.shape == (2, model.num_features, SIZE // 32, SIZE // 32)
-    torch.testing.assert_close(model.forward_head(features), logits, rtol=0, atol=0)  # type: ignore[operator]
+    torch.testing.assert_close(model.forward_head(features), logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -5,7 +5,8 @@ is small enough for a forward and backward at 64 px in well under a second on 2 
 ``"full"`` is the published configuration (224 px). Layer names are those of the reference
 implementations (torchvision's ``layer4``, ``features.8``; timm's ``stages.3``,
 ``blocks.11``), because users' checkpoints and target-layer settings use them. Every model
-has ``forward_features`` (last feature map, or tokens for the ViTs) and ``forward_head``.
+is a :class:`Classifier`: ``forward_features`` (last feature map, or tokens for the ViTs),
+``forward_head``, and ``num_prefix_tokens`` on the ViTs.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from types import MappingProxyType
 
-from torch import nn
-
 from service.models.zoo import convnext, efficientnet, resnet, vit, vit_sdpa
-from service.models.zoo.common import ImageSize, Size
+from service.models.zoo.common import Classifier, ImageSize, Size
 
-Builder = Callable[[Size, int, ImageSize, int], nn.Module]
+Builder = Callable[[Size, int, ImageSize, int], Classifier]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,4 +34,4 @@ ZOO: MappingProxyType[str, Builder] = MappingProxyType(
 )
 """Architecture name -> builder, in the order the tests and benches report them."""
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ZOO", "Builder", "ImageSize", "Size"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ZOO", "Builder", "Classifier", "ImageSize", "Size"]

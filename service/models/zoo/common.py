@@ -103,6 +103,28 @@ def shrink_(norm: nn.Module, factor: float) -> None:
         norm.bias.mul_(factor)
 
 
+class Classifier(nn.Module):
+    """What every zoo model offers (timm's interface): features, a head, logits of both.
+
+    Attributes:
+        num_features: channels of the last feature map, or the token width.
+    """
+
+    num_features: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last feature map ``(N, C, h, w)``, or the tokens ``(N, T, D)`` of a ViT."""
+        raise NotImplementedError
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` from :meth:`forward_features`' output."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, num_classes)`` of normalised images ``(N, 3, H, W)``."""
+        return self.forward_head(self.forward_features(x))
+
+
 class DropPath(nn.Module):
     """Stochastic depth (Huang et al. 2016, https://arxiv.org/abs/1603.09382) per sample.
 

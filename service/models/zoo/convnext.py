@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.models.zoo.common import DropPath, ImageSize, LayerNorm2d, Mlp, Size, build_seeded
+from service.models.zoo.common import (
+    Classifier,
+    DropPath,
+    ImageSize,
+    LayerNorm2d,
+    Mlp,
+    Size,
+    build_seeded,
+)
 
 EPS = 1e-6
 
@@ -66,7 +74,7 @@ class Head(nn.Module):
         return self.fc(self.flatten(self.norm(self.global_pool(x))))
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXt(Classifier):
     """ConvNeXt for ``(N, 3, H, W)`` normalised images (sides multiples of 32).
 
     Args:
@@ -102,10 +110,6 @@ class ConvNeXt(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from a feature map."""
         return self.head(features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def build(

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.models.zoo.common import ImageSize, Size, build_seeded, shrink_
+from service.models.zoo.common import Classifier, ImageSize, Size, build_seeded, shrink_
 
 Activation = Literal["silu", "hardswish"]
 RESIDUAL_GAIN = 0.2  # scale of each residual block's projection batch norm
@@ -147,7 +147,7 @@ class MBConv(nn.Module):
         return result
 
 
-class EfficientNet(nn.Module):
+class EfficientNet(Classifier):
     """EfficientNet for ``(N, 3, H, W)`` normalised images.
 
     Args:
@@ -195,10 +195,6 @@ class EfficientNet(nn.Module):
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from a feature map: global average pool, dropout (off in eval), linear."""
         return self.classifier(torch.flatten(self.avgpool(features), 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def build(

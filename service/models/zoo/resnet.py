@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.models.zoo.common import ImageSize, Size, build_seeded, shrink_
+from service.models.zoo.common import Classifier, ImageSize, Size, build_seeded, shrink_
 
 RESIDUAL_GAIN = 0.2  # scale of each block's last batch norm (see common.shrink_)
 
@@ -76,7 +76,7 @@ def _downsample(c_in: int, c_out: int, stride: int) -> nn.Sequential | None:
     )
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """ResNet for ``(N, 3, H, W)`` normalised images (any size of at least 32 px).
 
     Args:
@@ -122,19 +122,17 @@ class ResNet(nn.Module):
         """Logits from a feature map: global average pool, then ``fc``."""
         return self.fc(torch.flatten(self.avgpool(features), 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
-
 
 def _resnet(
     block: type[BasicBlock | Bottleneck],
     layers: tuple[int, int, int, int],
-    width: int,
+    size: Size,
     num_classes: int,
     seed: int,
 ) -> ResNet:
-    model = build_seeded(lambda: ResNet(block, layers, width, num_classes), seed)
+    # tiny: one block per stage at width 8, the same block type and downsampling
+    depths, width = (layers, 64) if size == "full" else ((1, 1, 1, 1), 8)
+    model = build_seeded(lambda: ResNet(block, depths, width, num_classes), seed)
     for module in model.modules():
         if isinstance(module, BasicBlock | Bottleneck):
             shrink_(module.last_norm(), RESIDUAL_GAIN)
@@ -153,23 +151,12 @@ def build(
         seed: seeds every weight and batch-norm statistic.
     """
     del image_size
-    if size == "full":
-        return _resnet(Bottleneck, (3, 4, 6, 3), 64, num_classes, seed)
-    return _resnet(Bottleneck, (1, 1, 1, 1), 8, num_classes, seed)
+    return _resnet(Bottleneck, (3, 4, 6, 3), size, num_classes, seed)
 
 
 def build_resnet18(
     size: Size = "tiny", num_classes: int = 1000, image_size: ImageSize = 224, seed: int = 0
 ) -> ResNet:
-    """ResNet-18: basic blocks ``[2, 2, 2, 2]``, width 64 (11.7M parameters at 1000 classes).
-
-    Args:
-        size: ``"full"`` as published; ``"tiny"`` one block per stage at width 8.
-        num_classes: logits.
-        image_size: unused (global pooling takes any size); kept for a uniform builder.
-        seed: seeds every weight and batch-norm statistic.
-    """
+    """ResNet-18: basic blocks ``[2, 2, 2, 2]``, width 64 (11.7M parameters); as :func:`build`."""
     del image_size
-    if size == "full":
-        return _resnet(BasicBlock, (2, 2, 2, 2), 64, num_classes, seed)
-    return _resnet(BasicBlock, (1, 1, 1, 1), 8, num_classes, seed)
+    return _resnet(BasicBlock, (2, 2, 2, 2), size, num_classes, seed)

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from service.models.zoo.common import ImageSize, PatchEmbed, Size, build_seeded
+from service.models.zoo.common import Classifier, ImageSize, PatchEmbed, Size, build_seeded
 
 EPS = 1e-6
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Classifier):
     """ViT with a class token, learned position embeddings and a class-token head.
 
     Args:
@@ -68,10 +68,6 @@ class VisionTransformer(nn.Module):
     def forward_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits from the class token."""
         return self.head(tokens[:, 0])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def build(

@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.models.zoo.common import DropPath, ImageSize, Mlp, PatchEmbed, Size, build_seeded
+from service.models.zoo.common import (
+    Classifier,
+    DropPath,
+    ImageSize,
+    Mlp,
+    PatchEmbed,
+    Size,
+    build_seeded,
+)
 
 EPS = 1e-6
 Pool = Literal["token", "avg"]
@@ -61,16 +69,12 @@ class Block(nn.Module):
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
-class VisionTransformerSdpa(nn.Module):
+class VisionTransformerSdpa(Classifier):
     """ViT with class and register tokens, batch-first ``(N, T, D)`` throughout.
 
     Args:
-        patch: patch side in pixels.
-        dim: token width.
-        depth: transformer blocks.
-        heads: attention heads per block.
-        num_classes: logits.
-        image_size: input size; fixes the number of position embeddings.
+        patch, dim, depth, heads, num_classes, image_size: as for
+            :class:`service.models.zoo.vit.VisionTransformer`.
         reg_tokens: register tokens after the class token.
         global_pool: ``"avg"`` (mean of the patch tokens, then ``fc_norm``) or ``"token"``
             (the class token after ``norm``).
@@ -118,10 +122,6 @@ class VisionTransformerSdpa(nn.Module):
         else:
             pooled = tokens[:, self.num_prefix_tokens :].mean(dim=1)
         return self.head(self.fc_norm(pooled))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(N, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
 
 
 def build(
