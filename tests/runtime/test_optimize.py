@@ -15,7 +15,6 @@ from service.runtime.optimize import (
     choose_chunk_size,
     optimize_for_inference,
 )
-from service.runtime.optimize.batchnorm_fold import randomize_batch_norm
 from service.runtime.wrap import Normalized
 from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, images
 
@@ -27,7 +26,16 @@ DEFAULT_SIZE = 128
 def default_architecture() -> nn.Module:
     """The default model's architecture, random weights and non-trivial batch-norm stats."""
     torch.manual_seed(0)
-    net = randomize_batch_norm(SaliencyNet(num_classes=6), seed=1, spread=0.2)
+    net = SaliencyNet(num_classes=6)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.weight.uniform_(0.5, 1.5, generator=gen)
+                module.bias.normal_(0.0, 0.2, generator=gen)
+                module.running_mean.normal_(0.0, 0.2, generator=gen)
+                module.running_var.uniform_(0.5, 2.0, generator=gen)
     return Normalized(net, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).eval()
 
 

@@ -114,30 +114,3 @@ def fold_all(pairs: Sequence[tuple[str, str]]) -> Rewrite:
         return model
 
     return rewrite
-
-
-def randomize_batch_norm(model: nn.Module, seed: int = 0, spread: float = 0.1) -> nn.Module:
-    """Give every ``BatchNorm2d`` of ``model`` (in place) the statistics of a trained one.
-
-    For benchmarks and tests of the fold on untrained architectures: a fresh batch norm
-    is the identity (mean 0, variance 1, weight 1, bias 0), so folding it would change
-    nothing and a check that the fold is right could not fail.
-
-    Args:
-        model: any module.
-        seed: seeds the statistics.
-        spread: standard deviation of the running means and of the biases.
-
-    Returns:
-        ``model``, for chaining.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                assert module.running_mean is not None and module.running_var is not None
-                module.weight.uniform_(0.5, 1.5, generator=gen)
-                module.bias.normal_(0.0, spread, generator=gen)
-                module.running_mean.normal_(0.0, spread, generator=gen)
-                module.running_var.uniform_(0.5, 2.0, generator=gen)
-    return model
