@@ -29,13 +29,12 @@ from typing import Any
 from google.protobuf import json_format
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.errors import EngineError, InvalidInputError
+from service.protocol.errors import EngineError, InvalidInputError, code_name
+from service.protocol.limits import Limits
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
-from service.serving.limits import Limits
 from service.serving.pipeline import Event, Explainer, Job, method_enum
-from service.serving.status import code_name
 
 logger = logging.getLogger(__name__)
 _JSON_MASKS = {

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from service.engine.errors import InvalidInputError, UnsupportedMethodError
+from service.protocol.errors import InvalidInputError, UnsupportedMethodError
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:

@@ -23,10 +23,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from service.engine import perturb
-from service.engine.errors import InvalidInputError
+from service.engine.ops import gaussian_blur, softmax
 from service.engine.types import NumpyForward
+from service.protocol.errors import InvalidInputError
 
 SCORE_NAMES = ("deletion_auc", "insertion_auc", "mu_fidelity")
 """Names of the scores as they go on the wire."""
@@ -67,7 +69,8 @@ def _substrate(images: np.ndarray, kind: str) -> np.ndarray:
     if kind == "zero":
         return np.zeros_like(images)
     if kind == "blur":
-        return perturb.gaussian_blur(images)
+        blurred = gaussian_blur(torch.from_numpy(images), 5.0, radius=5, border="symmetric")
+        return blurred.numpy()
     if kind == "mean":
         return np.broadcast_to(images.mean(axis=(2, 3), keepdims=True), images.shape).copy()
     raise InvalidInputError(f"substrate must be one of {SUBSTRATES}, got {kind!r}")
@@ -129,7 +132,8 @@ def _auc(
 ) -> dict[str, np.ndarray]:
     """AUC of each requested curve (``"deletion"``/``"insertion"`` -> substrate), one pass."""
     images, maps, targets = _validate(images, maps, targets)
-    steps = perturb.positive("steps", steps)
+    if steps < 1:
+        raise InvalidInputError(f"steps must be >= 1, got {steps}")
     n, _, h, w = images.shape
     pixels = h * w
     # rank[b, p] = position of pixel p in decreasing saliency; a pixel is changed at step k
@@ -161,8 +165,7 @@ def _auc(
         forward, n * per_image, chunk_size, images.shape[1:], build, check
     ):
         item = np.arange(start, stop) // per_image
-        perturb.check_targets(targets[item], logits.shape[1])
-        prob[start:stop] = perturb.pick(perturb.softmax(logits), targets[item])
+        prob[start:stop] = perturb.pick(softmax(logits), targets[item])
     y = prob.reshape(n, len(names), steps + 1)
     x = cut / pixels
     auc = np.clip(np.sum((y[..., 1:] + y[..., :-1]) * np.diff(x) / 2.0, axis=-1), 0.0, 1.0)
@@ -204,8 +207,8 @@ def mu_fidelity(
         ``N * (n_subsets + 1)`` forwards.
     """
     images, maps, targets = _validate(images, maps, targets)
-    n_subsets = perturb.positive("n_subsets", n_subsets)
-    grid_size = perturb.positive("grid_size", grid_size)
+    if n_subsets < 1 or grid_size < 1:
+        raise InvalidInputError("n_subsets and grid_size must be >= 1")
     if not 0.0 < subset_fraction < 1.0:
         raise InvalidInputError(f"subset_fraction must be in (0, 1), got {subset_fraction}")
     n, _, h, w = images.shape
@@ -224,7 +227,6 @@ def mu_fidelity(
     base = np.empty(n, dtype=np.float64)
     for start, stop in perturb.chunks(n, chunk_size, check):
         logits = forward(images[start:stop])
-        perturb.check_targets(targets[start:stop], logits.shape[1])
         base[start:stop] = perturb.pick(logits, targets[start:stop])
     drop = np.empty((n_subsets, n), dtype=np.float64)
     fill = np.float32(baseline)

@@ -11,10 +11,9 @@ from typing import Any
 
 import grpc
 
-from service.engine.errors import EngineError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import UpstreamError
-from service.serving.status import code_name
+from service.protocol.errors import EngineError, code_name
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ExplainServicer
 from service.gateway.upstream import TorchServeClient
-from service.serving.limits import Limits
+from service.protocol.limits import Limits
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name

@@ -9,9 +9,9 @@ import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.engine.errors import InvalidInputError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import TorchServeClient, raise_payload_error
+from service.protocol.errors import InvalidInputError
 
 REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
 

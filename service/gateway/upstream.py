@@ -111,6 +111,6 @@ def _upstream_error(exc: grpc.aio.AioRpcError, model: str) -> UpstreamError:
 def raise_payload_error(error: pb.Error) -> None:
     """Turn an ``error`` field of a reply into the domain exception it stands for."""
     if error.code:
-        from service.serving.status import error_from_code
+        from service.protocol.errors import error_from_code
 
         raise error_from_code(error.code, error.message)

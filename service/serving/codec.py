@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.errors import InvalidInputError, ResourceLimitError
-from service.serving.limits import Limits
+from service.protocol.errors import InvalidInputError, ResourceLimitError
+from service.protocol.limits import Limits
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 

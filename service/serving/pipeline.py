@@ -17,20 +17,20 @@ import torch
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine import masks
-from service.engine.errors import (
+from service.engine.registry import MethodSpec, ResolvedParams, list_methods
+from service.engine.scores import compute_scores
+from service.protocol.errors import (
     CancelledError,
     DeadlineExceededError,
     EngineError,
     InvalidInputError,
     ResourceLimitError,
     TargetOutOfRangeError,
+    code_name,
 )
-from service.engine.registry import MethodSpec, ParamValue, list_methods
-from service.engine.scores import compute_scores
+from service.protocol.limits import Limits
 from service.runtime.artifacts import ModelBundle
 from service.serving import codec
-from service.serving.limits import Limits
-from service.serving.status import code_name
 
 DEFAULT_METHOD = "vanilla_gradient"
 DEFAULT_PREDICT_TOP_K = 5
@@ -65,7 +65,7 @@ def _known_methods() -> str:
 @dataclass
 class _Work:
     spec: MethodSpec
-    params: dict[str, ParamValue]
+    params: ResolvedParams
     target: int
 
 
@@ -134,7 +134,7 @@ class Explainer:
                 paper=spec.paper,
                 needs_gradients=spec.needs_gradients,
                 batchable=spec.batchable,
-                defaults={k: str(v) for k, v in spec.defaults.items()},
+                defaults=spec.defaults.wire(),
                 available=not spec.needs_layer or self.bundle.engine.target_layer is not None,
             )
             for spec in list_methods()
@@ -275,8 +275,9 @@ class Explainer:
                     f"unknown score {score}: choose from {', '.join(pb.Score.keys()[1:])}"
                 )
         for method in methods:
-            spec = self.bundle.engine.check_method(method_name(method.method))
-            params = spec.resolve_params(dict(method.params))
+            spec, params = self.bundle.engine.resolve_params(
+                method_name(method.method), dict(method.params)
+            )
             job.work.extend(_Work(spec, params, target) for target in targets)
         _mask_options(request.mask)  # validate now, not after the expensive part
 
@@ -287,7 +288,7 @@ class Explainer:
             if job.error is not None:
                 continue
             for work in job.work:
-                key = (work.spec.name, tuple(sorted(work.params.items())), job.request.seed)
+                key = (work.spec.name, work.params, job.request.seed)
                 groups.setdefault(key, []).append((job, work))
         return list(groups.values())
 
@@ -355,7 +356,7 @@ class Explainer:
             target=work.target,
             target_label=self.meta.labels[work.target],
             map=codec.encode_map(full, job.request.map_encoding),
-            params={k: str(v) for k, v in work.params.items()},
+            params=work.params.wire(),
             seconds=seconds,
         )
         if mask is not None:

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.errors import InvalidInputError, ResourceLimitError
+from service.protocol.errors import InvalidInputError, ResourceLimitError
+from service.protocol.limits import Limits
 from service.serving import codec
-from service.serving.limits import Limits
 
 LIMITS = Limits()
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from service.engine.errors import UnsupportedMethodError
 from service.engine.layers import capture_activations
 from service.engine.methods.gradient import require_model, row_chunks, target_logits
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.errors import UnsupportedMethodError
 
 SELVARAJU_2017 = "https://arxiv.org/abs/1610.02391"
 CHATTOPADHAY_2018 = "https://arxiv.org/abs/1710.11063"
