@@ -4,6 +4,9 @@ Activations are captured per call by a forward hook that only records the callin
 thread's forwards (see :mod:`service.engine.layers`), and gradients are taken with
 ``torch.autograd.grad`` with respect to those activations, so concurrent calls on the same
 layer neither see each other's tensors nor need a lock. The hook is removed on every path.
+
+Both maps are ReLU'd at the layer's resolution, then upsampled bilinearly to the input
+size (``align_corners=False``, as Captum's ``LayerAttribution.interpolate``).
 """
 
 from __future__ import annotations

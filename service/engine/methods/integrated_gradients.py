@@ -8,6 +8,12 @@ quadrature is reported per item. ``S_t(x)`` and ``S_t(x')`` are read from the pa
 gradient passes when the rule holds the nodes ``a = 0`` and ``a = 1`` (the trapezoid rule
 does); otherwise from one forward without autograd over the missing ends, which costs about
 a third of the two gradient rows per item it replaces.
+
+Rules: ``gauss_legendre`` and ``riemann_left/middle/right`` are Captum's;
+``riemann_trapezoid`` is the composite trapezoid rule (exact for a linear model; Captum's
+variant is ours times ``(n-1)/n``). Baselines: ``black`` (zeros), ``blurred`` (Gaussian of
+``blur_sigma`` pixels, 3-sigma kernel, mirrored borders), ``uniform`` (one ``U[0, 1)``
+image per request, shared by the items of a batch).
 """
 
 from __future__ import annotations
