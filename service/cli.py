@@ -166,9 +166,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import cv2
     import grpc
 
-    from service._proto.saliency.v1 import saliency_pb2 as pb
     from service.client import SaliencyClient, decode_map, decode_mask, overlay
-    from service.serving.pipeline import method_name
+    from service.protocol.names import METHODS, SCORES
 
     args.out.mkdir(parents=True, exist_ok=True)
     read = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
@@ -195,7 +194,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{p.label:>12s}  {p.probability:.3f}")
     tiles = [image]
     for item in reply.explanations:
-        name = method_name(item.method)
+        name = METHODS.name(item.method)
         stem = f"{name}_{item.target_label}"
         heat = overlay(image, decode_map(item.map))
         if item.HasField("box"):
@@ -212,10 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
             if item.HasField("completeness_error")
             else ""
         )
-        scores = " ".join(
-            f"{pb.Score.Name(s.score).removeprefix('SCORE_').lower()}={s.value:.3f}"
-            for s in item.scores
-        )
+        scores = " ".join(f"{SCORES.name(s.score)}={s.value:.3f}" for s in item.scores)
         print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
     cv2.imwrite(str(args.out / "overview.png"), cv2.cvtColor(cv2.hconcat(tiles), cv2.COLOR_RGB2BGR))
     print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")

@@ -21,22 +21,12 @@ import numpy as np
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
+from service.protocol.request import ExplainQuery, MaskCall, MethodCall
 from service.serving.codec import decode_map, decode_mask
-from service.serving.pipeline import method_enum
 
 __all__ = ["MethodArg", "SaliencyClient", "decode_map", "decode_mask", "overlay"]
 
 MethodArg = str | tuple[str, Mapping[str, object]]
-_MASKS = {
-    "none": pb.MASK_KIND_NONE,
-    "threshold": pb.MASK_KIND_THRESHOLD,
-    "grabcut": pb.MASK_KIND_GRABCUT,
-}
-_SCORES = {
-    "deletion_auc": pb.SCORE_DELETION_AUC,
-    "insertion_auc": pb.SCORE_INSERTION_AUC,
-    "mu_fidelity": pb.SCORE_MU_FIDELITY,
-}
 
 
 class SaliencyClient:
@@ -78,26 +68,20 @@ class SaliencyClient:
     ) -> pb.ExplainRequest:
         """Build an ``ExplainRequest`` (image bytes, or a path to read them from)."""
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        request = pb.ExplainRequest(
-            model=model,
-            image=pb.Image(encoded=data),
-            top_k=top_k,
-            target_classes=targets,
-            mask=pb.MaskOptions(kind=_MASKS[mask]),
-            map_encoding=pb.MAP_ENCODING_FLOAT16
-            if map_encoding == "float16"
-            else pb.MAP_ENCODING_PNG8,
-            seed=seed,
-            scores=[_SCORES[s] for s in scores],
+        calls = tuple(
+            MethodCall(m) if isinstance(m, str) else MethodCall(m[0], m[1]) for m in methods
         )
-        for method in methods:
-            name, params = (method, {}) if isinstance(method, str) else method
-            request.methods.append(
-                pb.MethodRequest(
-                    method=method_enum(name), params={k: str(v) for k, v in params.items()}
-                )
-            )
-        return request
+        return ExplainQuery(
+            image=pb.Image(encoded=data),
+            model=model,
+            top_k=top_k,
+            targets=tuple(targets),
+            methods=calls,
+            mask=MaskCall(mask),
+            scores=tuple(scores),
+            map_encoding=map_encoding,
+            seed=seed,
+        ).to_pb()
 
     def explain(
         self, image: bytes | str | Path, *, timeout: float | None = 60.0, **options: object

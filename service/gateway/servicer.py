@@ -12,6 +12,7 @@ from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import TorchServeClient, raise_payload_error
 from service.protocol.errors import InvalidInputError
+from service.protocol.names import METHODS
 
 REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
 
@@ -110,7 +111,8 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             if timing.stage == "total":
                 handler_total = timing.seconds
         for explanation in explanations:
-            name = pb.Method.Name(explanation.method).removeprefix("METHOD_").lower()
-            stage.labels("explain", name, model).observe(explanation.seconds)
+            stage.labels("explain", METHODS.label(explanation.method), model).observe(
+                explanation.seconds
+            )
         # Time outside the handler: transport, TorchServe queueing and batching delay.
         stage.labels("upstream", "all", model).observe(max(upstream_seconds - handler_total, 0.0))

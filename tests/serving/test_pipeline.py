@@ -9,8 +9,9 @@ from PIL import Image
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.registry import list_methods
+from service.protocol.names import METHODS
 from service.serving import codec
-from service.serving.pipeline import Explainer, method_enum
+from service.serving.pipeline import Explainer
 
 RNG = np.random.default_rng(0)
 PICTURE = RNG.integers(0, 255, (50, 40, 3), dtype=np.uint8)
@@ -24,7 +25,7 @@ def png(array: np.ndarray = PICTURE) -> bytes:
 
 def request(*methods: str, **fields: object) -> pb.ExplainRequest:
     req = pb.ExplainRequest(image=pb.Image(encoded=png()), **fields)  # type: ignore[arg-type]
-    req.methods.extend(pb.MethodRequest(method=method_enum(m)) for m in methods)
+    req.methods.extend(pb.MethodRequest(method=METHODS.number(m)) for m in methods)
     return req
 
 
@@ -66,7 +67,7 @@ def test_integrated_gradients_reports_completeness(explainer: Explainer) -> None
 def test_explicit_targets_and_params(explainer: Explainer) -> None:
     req = request(target_classes=[3, 1])
     req.methods.append(
-        pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "4"})
+        pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"n_samples": "4"})
     )
     [reply] = explainer.explain_batch([req])
     assert [e.target for e in reply.explanations] == [3, 1]
@@ -86,14 +87,14 @@ def test_explicit_targets_and_params(explainer: Explainer) -> None:
         (lambda r: r.methods.append(pb.MethodRequest()), "INVALID_ARGUMENT", "unset"),
         (
             lambda r: r.methods.append(
-                pb.MethodRequest(method=method_enum("smoothgrad"), params={"bogus": "1"})
+                pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"bogus": "1"})
             ),
             "INVALID_ARGUMENT",
             "bogus",
         ),
         (
             lambda r: r.methods.append(
-                pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "many"})
+                pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"n_samples": "many"})
             ),
             "INVALID_ARGUMENT",
             "n_samples",
