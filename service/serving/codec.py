@@ -1,4 +1,7 @@
-"""Bytes in, bytes out: image decoding under limits, map and mask encoding (and decoding)."""
+"""Bytes in, bytes out: image decoding under limits, map and mask encoding.
+
+The inverse of the encoding (for clients) is :mod:`service.client.decode`.
+"""
 
 from __future__ import annotations
 
@@ -143,25 +146,3 @@ def _png(array: np.ndarray, params: list[int]) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buffer.tobytes()
-
-
-def decode_map(saliency: pb.SaliencyMap) -> np.ndarray:
-    """float32 ``(H, W)`` values of an encoded map (the inverse of ``encode_map``)."""
-    shape = (saliency.height, saliency.width)
-    if saliency.encoding == pb.MAP_ENCODING_FLOAT16:
-        return np.frombuffer(saliency.data, dtype="<f2").reshape(shape).astype(np.float32)
-    pixels = _imdecode(saliency.data)
-    span = saliency.value_max - saliency.value_min
-    return (saliency.value_min + pixels.astype(np.float32) / 255.0 * span).astype(np.float32)
-
-
-def decode_mask(mask: pb.Mask) -> np.ndarray:
-    """bool ``(H, W)`` of an encoded mask."""
-    return np.asarray(_imdecode(mask.png) > 127)
-
-
-def _imdecode(data: bytes) -> np.ndarray:
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if pixels is None:
-        raise ValueError("not a PNG")
-    return np.asarray(pixels)

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.decode import decode_map, decode_mask
 from service.engine.registry import list_methods
 from service.protocol.names import METHODS
-from service.serving import codec
 from service.serving.pipeline import Explainer
 
 RNG = np.random.default_rng(0)
@@ -49,7 +49,7 @@ def test_explain_returns_maps_masks_and_boxes_at_image_resolution(explainer: Exp
     for item in reply.explanations:
         assert (item.map.height, item.map.width) == (50, 40)
         assert (item.mask.height, item.mask.width) == (50, 40)
-        mask = codec.decode_mask(item.mask)
+        mask = decode_mask(item.mask)
         assert 0 < mask.sum() <= 0.1 * mask.size  # 95th percentile mask
         assert item.HasField("box")
         assert item.box.x_max < 40 and item.box.y_max < 50
@@ -139,8 +139,8 @@ def test_a_request_gets_the_same_answer_alone_or_batched(explainer: Explainer, m
     [alone] = explainer.explain_batch([mine])
     batched = explainer.explain_batch([*others, mine])[-1]
     np.testing.assert_allclose(
-        codec.decode_map(batched.explanations[0].map),
-        codec.decode_map(alone.explanations[0].map),
+        decode_map(batched.explanations[0].map),
+        decode_map(alone.explanations[0].map),
         rtol=1e-5,
         atol=1e-6,
     )

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.decode import decode_mask
 from service.engine.registry import MASKS, SCORES
 from service.protocol.names import MASKS as MASK_ENUM
 from service.protocol.names import METHODS
@@ -75,7 +76,7 @@ def test_a_huge_parameter_value_gets_a_short_status(explainer: Explainer) -> Non
 def mask_of(explainer: Explainer, options: pb.MaskOptions) -> np.ndarray:
     [reply] = explainer.explain_batch([request("vanilla_gradient", mask=options)])
     assert not reply.error.code, reply.error.message
-    return codec.decode_mask(reply.explanations[0].mask)
+    return decode_mask(reply.explanations[0].mask)
 
 
 def test_legacy_mask_fields_and_params_mean_the_same(explainer: Explainer) -> None:
