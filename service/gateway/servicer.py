@@ -11,7 +11,7 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import TorchServeClient, raise_payload_error
-from service.protocol.errors import InvalidInputError
+from service.protocol.errors import InvalidInputError, clip
 from service.protocol.names import METHODS
 
 REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
@@ -38,7 +38,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         name = request.model or self.models[0]
         if name not in self.models:
             raise InvalidInputError(
-                f"unknown model {request.model!r}: this server serves {', '.join(self.models)}"
+                f"unknown model {clip(request.model)}: this server serves {', '.join(self.models)}"
             )
         return name
 

@@ -159,3 +159,12 @@ def test_the_engine_needs_no_protobuf_grpc_or_torchserve() -> None:
         assert METHODS.names() and MASKS.names() and SCORES.names()
         """,
     )
+
+
+def test_the_gateway_needs_no_torch_onnxruntime_or_torchserve() -> None:
+    run_blocked(
+        ("torch", "cv2", "onnxruntime", "onnx", "ts", "PIL"),
+        """
+        from service.gateway.server import Gateway, GatewayConfig, gateway_in_thread
+        """,
+    )
