@@ -9,35 +9,15 @@ from typing import Any
 import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.client.messages import (
-    CHANNEL_OPTIONS,
-    ImageArg,
-    explain_request,
-    predict_request,
-)
+from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
 from service.protocol.request import DEFAULT_PREDICT_TOP_K
 
 
-class AsyncSaliencyClient:
-    """``grpc.aio`` client of ``saliency.v1.ExplainService``; use ``async with``.
+class AsyncSaliencyClient(ClientBase):
+    """``grpc.aio`` client of ``saliency.v1.ExplainService``; use ``async with`` (arguments:
+    :class:`ClientBase`)."""
 
-    Args:
-        address: ``host:port`` of the gateway.
-        credentials: TLS channel credentials; ``None`` for a plaintext channel.
-    """
-
-    def __init__(
-        self,
-        address: str = "localhost:50051",
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        if credentials is None:
-            self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.ExplainServiceStub(self.channel)
+    transport = grpc.aio
 
     async def close(self) -> None:
         await self.channel.close()
@@ -49,8 +29,6 @@ class AsyncSaliencyClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-    request = staticmethod(explain_request)
 
     async def explain(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.protocol.errors import EngineError, error_from_code
 from service.protocol.families import DEFAULT_MASK, DEFAULT_METHOD
 from service.protocol.limits import MAX_MESSAGE_BYTES
@@ -88,3 +90,33 @@ def domain_error(exc: grpc.RpcError) -> EngineError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     return error_from_code(code.name if code is not None else "UNKNOWN", details or "")
+
+
+class ClientBase:
+    """The channel and stub both clients share.
+
+    Args:
+        address: ``host:port`` of the gateway.
+        credentials: TLS channel credentials; ``None`` for a plaintext channel.
+    """
+
+    transport: Any = grpc  # ``grpc`` or ``grpc.aio``: the same channel signatures
+
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        if credentials is None:
+            self.channel = self.transport.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = self.transport.secure_channel(
+                address, credentials, options=CHANNEL_OPTIONS
+            )
+        self.stub = pb_grpc.ExplainServiceStub(self.channel)
+
+    @staticmethod
+    def request(image: ImageArg, **options: Any) -> pb.ExplainRequest:
+        """The ``ExplainRequest`` a call with these options sends (:func:`explain_request`)."""
+        return explain_request(image, **options)

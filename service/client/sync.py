@@ -9,35 +9,14 @@ from typing import Any
 import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.client.messages import (
-    CHANNEL_OPTIONS,
-    ImageArg,
-    explain_request,
-    predict_request,
-)
+from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
 from service.protocol.request import DEFAULT_PREDICT_TOP_K
 
 
-class SaliencyClient:
-    """Blocking client of ``saliency.v1.ExplainService``.
+class SaliencyClient(ClientBase):
+    """Blocking client of ``saliency.v1.ExplainService`` (arguments: :class:`ClientBase`)."""
 
-    Args:
-        address: ``host:port`` of the gateway.
-        credentials: TLS channel credentials; ``None`` for a plaintext channel.
-    """
-
-    def __init__(
-        self,
-        address: str = "localhost:50051",
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
-        if credentials is None:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.ExplainServiceStub(self.channel)
+    transport = grpc
 
     def close(self) -> None:
         self.channel.close()
@@ -49,8 +28,6 @@ class SaliencyClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-    request = staticmethod(explain_request)
 
     def explain(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any

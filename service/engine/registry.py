@@ -20,9 +20,12 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from service.protocol.errors import InvalidInputError, UnknownMethodError, clip
-from service.protocol.params import Param, ParamSet, ParamValue, ResolvedParams
 
-__all__ = ["Param", "ParamValue", "ResolvedParams"]
+# Members declare their parameters with these; importable from here with the decorators.
+from service.protocol.params import Param as Param
+from service.protocol.params import ParamSet
+from service.protocol.params import ParamValue as ParamValue
+from service.protocol.params import ResolvedParams as ResolvedParams
 
 Backend = Literal["torch", "onnx"]
 InputShape = tuple[int, int, int]

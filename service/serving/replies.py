@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -97,35 +98,23 @@ class Replies:
         methods = [
             pb.MethodInfo(
                 method=names.METHODS.number(spec.name),  # type: ignore[arg-type]
-                name=spec.name,
-                description=spec.description,
-                paper=spec.paper,
+                **_described(spec),
                 needs_gradients=spec.needs_gradients,
                 batchable=spec.batchable,
                 defaults=spec.defaults.wire(),
                 available=not spec.needs_layer or engine.target_layer is not None,
-                params=_params(spec),
             )
             for spec in METHODS.members()
         ]
         masks = [
-            pb.MaskInfo(
-                kind=names.MASKS.number(spec.name),  # type: ignore[arg-type]
-                name=spec.name,
-                description=spec.description,
-                paper=spec.paper,
-                params=_params(spec),
-            )
+            pb.MaskInfo(kind=names.MASKS.number(spec.name), **_described(spec))  # type: ignore[arg-type]
             for spec in MASKS.members()
         ]
         scores = [
             pb.ScoreInfo(
                 score=names.SCORES.number(spec.name),  # type: ignore[arg-type]
-                name=spec.name,
-                description=spec.description,
-                paper=spec.paper,
                 higher_is_better=spec.higher_is_better,
-                params=_params(spec),
+                **_described(spec),
             )
             for spec in SCORES.members()
         ]
@@ -144,8 +133,14 @@ class Replies:
         )
 
 
-def _params(member: Member) -> list[pb.ParamInfo]:
-    return [param_info(p) for p in member.params]
+def _described(member: Member) -> dict[str, Any]:
+    """The fields every ``*Info`` message shares."""
+    return {
+        "name": member.name,
+        "description": member.description,
+        "paper": member.paper,
+        "params": [param_info(p) for p in member.params],
+    }
 
 
 def timings(values: dict[str, float]) -> list[pb.StageTiming]:

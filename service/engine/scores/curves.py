@@ -160,49 +160,42 @@ def _shared_pass(
     return aucs[CURVES[name]]
 
 
-@register_score(
+def _register_curve(name: str, substrate: str, higher_is_better: bool, description: str) -> None:
+    """Register one curve's AUC: both curves are the same score with their own substrate."""
+
+    def curve_auc(
+        ctx: ScoreContext,
+        images: np.ndarray,
+        maps: np.ndarray,
+        targets: np.ndarray,
+        *,
+        steps: int,
+        substrate: str,
+    ) -> np.ndarray:
+        return _shared_pass(ctx, images, maps, targets, name)
+
+    curve_auc.__name__ = curve_auc.__qualname__ = name
+    curve_auc.__doc__ = f"{name} per image, float64 ``(N,)`` in ``[0, 1]``."
+    register_score(
+        name,
+        params=(STEPS, Param("substrate", "str", substrate, SUBSTRATE_DOC, choices=SUBSTRATES)),
+        higher_is_better=higher_is_better,
+        description=description,
+        paper=PETSIUK_2018,
+    )(curve_auc)
+
+
+_register_curve(
     "deletion_auc",
-    params=(
-        STEPS,
-        Param("substrate", "str", DELETION_SUBSTRATE, SUBSTRATE_DOC, choices=SUBSTRATES),
-    ),
+    DELETION_SUBSTRATE,
     higher_is_better=False,
     description="Area under the target probability as the most salient pixels are removed "
     "(Petsiuk et al. 2018, RISE)",
-    paper=PETSIUK_2018,
 )
-def deletion_auc(
-    ctx: ScoreContext,
-    images: np.ndarray,
-    maps: np.ndarray,
-    targets: np.ndarray,
-    *,
-    steps: int,
-    substrate: str,
-) -> np.ndarray:
-    """Deletion AUC per image, float64 ``(N,)`` in ``[0, 1]``; lower is more faithful."""
-    return _shared_pass(ctx, images, maps, targets, "deletion_auc")
-
-
-@register_score(
+_register_curve(
     "insertion_auc",
-    params=(
-        STEPS,
-        Param("substrate", "str", INSERTION_SUBSTRATE, SUBSTRATE_DOC, choices=SUBSTRATES),
-    ),
+    INSERTION_SUBSTRATE,
     higher_is_better=True,
     description="Area under the target probability as the most salient pixels are added to "
     "a blurred copy (Petsiuk et al. 2018, RISE)",
-    paper=PETSIUK_2018,
 )
-def insertion_auc(
-    ctx: ScoreContext,
-    images: np.ndarray,
-    maps: np.ndarray,
-    targets: np.ndarray,
-    *,
-    steps: int,
-    substrate: str,
-) -> np.ndarray:
-    """Insertion AUC per image, float64 ``(N,)`` in ``[0, 1]``; higher is more faithful."""
-    return _shared_pass(ctx, images, maps, targets, "insertion_auc")
