@@ -100,7 +100,7 @@ def test_install_matches_the_makefile(dockerfile: Path) -> None:
     env = " ".join(build.all("ENV"))
     assert "python3.11 -m venv /opt/venv" in runs
     assert "PIP_CONSTRAINT=/src/constraints.txt" in env
-    assert "pip install --no-cache-dir '.[server]'" in runs  # the Makefile's extras, less dev
+    assert "pip install --no-cache-dir './[server]'" in runs  # the Makefile's extras, less dev
     args = dict(a.split("=", 1) for a in build.all("ARG") if "=" in a)
     assert args["TORCH_VERSION"] == constraint_pin("torch")
     assert '"torch==${TORCH_VERSION}"' in runs

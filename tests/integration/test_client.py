@@ -43,10 +43,11 @@ def test_async_client_answers_as_the_blocking_one(
     info, reply, parts, prediction = asyncio.run(calls())
     assert [m.name for m in info.masks] == [m.name for m in client.model_info().masks]  # type: ignore[attr-defined]
     blocking = client.explain(data, methods=["smoothgrad"], seed=11)
-    np.testing.assert_array_equal(
-        decode_map(reply.explanations[0].map),  # type: ignore[attr-defined]
-        decode_map(blocking.explanations[0].map),
-    )
+    # Same request, same seed: the same map, up to the float rounding of whatever batch
+    # TorchServe happened to form (rows are summed in another order).
+    ours = decode_map(reply.explanations[0].map)  # type: ignore[attr-defined]
+    theirs = decode_map(blocking.explanations[0].map)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * float(np.abs(theirs).max()))
     kinds = [event_kind(p) for p in parts]  # type: ignore[attr-defined]
     assert kinds == [EventKind.PREDICTION, EventKind.EXPLANATION, EventKind.SCORES, EventKind.DONE]
     assert [p.index for p in prediction.predictions][:1] == [label]  # type: ignore[attr-defined]
