@@ -150,6 +150,11 @@ class TorchServe:
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
 
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of its gRPC inference API, what the gateway fronts."""
+        return f"127.0.0.1:{self.ports.grpc_inference}"
+
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_dir = self.run_dir / "logs"

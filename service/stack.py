@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,21 +109,23 @@ def gateway_in_thread(config: GatewayConfig) -> Iterator[Gateway]:
 
 @contextlib.contextmanager
 def running_gateway(
-    torchserve: TorchServe, *, health_interval_s: float = 0.5
+    upstream: str, models: Sequence[str], *, health_interval_s: float = 0.5
 ) -> Iterator[RunningGateway]:
-    """The gateway in front of ``torchserve``'s models, on free loopback ports.
+    """The gateway on free loopback ports in front of ``upstream``; stopped after.
 
     Args:
-        torchserve: the upstream; its models are the gateway's, the first the default.
-        health_interval_s: how often the gateway polls TorchServe's readiness.
+        upstream: TorchServe's gRPC inference address (:attr:`TorchServe.grpc_address`),
+            or a stand-in's.
+        models: the served model names; the first is the default.
+        health_interval_s: how often the gateway polls the upstream's readiness.
     """
     config = GatewayConfig(
         host=LOOPBACK,
         port=0,
         metrics_host=LOOPBACK,
         metrics_port=0,
-        upstream=f"{LOOPBACK}:{torchserve.ports.grpc_inference}",
-        models=tuple(torchserve.models),
+        upstream=upstream,
+        models=tuple(models),
         health_interval_s=health_interval_s,
     )
     with gateway_in_thread(config) as gateway:
@@ -145,6 +147,8 @@ def running_stack(
         running_torchserve(
             model_store, models, run_dir, settings=settings, ready_timeout=ready_timeout
         ) as torchserve,
-        running_gateway(torchserve, health_interval_s=health_interval_s) as gateway,
+        running_gateway(
+            torchserve.grpc_address, list(torchserve.models), health_interval_s=health_interval_s
+        ) as gateway,
     ):
         yield Stack(torchserve, gateway)

@@ -84,7 +84,7 @@ def run(
             }
             del explainer
 
-            with running_gateway(ts, health_interval_s=1.0) as gateway:
+            with running_gateway(ts.grpc_address, [MODEL], health_interval_s=1.0) as gateway:
                 served = Served(ts, gateway.address, base, requests, seconds, warmup)
                 sweeps = [served.default_configuration()]
                 # Sustained run on the default configuration: worker memory over time.

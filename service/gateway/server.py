@@ -19,7 +19,7 @@ from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ExplainServicer
 from service.gateway.upstream import TorchServeClient
-from service.serving.limits import Limits
+from service.protocol.limits import GATEWAY_RECEIVE_BYTES, MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name
@@ -44,7 +44,7 @@ class GatewayConfig:
     metrics_port: int = 9464
     upstream: str = "127.0.0.1:7070"
     models: tuple[str, ...] = ("shapes",)
-    max_message_bytes: int = Limits().max_image_bytes + 1024 * 1024
+    max_message_bytes: int = GATEWAY_RECEIVE_BYTES
     health_interval_s: float = 2.0
 
 
@@ -61,7 +61,7 @@ class Gateway:
             interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
         self.port = 0

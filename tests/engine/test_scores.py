@@ -11,7 +11,6 @@ import torch
 from service.engine.errors import DeadlineExceededError, InvalidInputError
 from service.engine.scores import (
     SCORE_NAMES,
-    FaithfulnessScores,
     compute_scores,
     deletion_insertion_auc,
     mu_fidelity,
@@ -122,9 +121,10 @@ def test_compute_scores_returns_exactly_the_requested_names(
         compute_scores(forward, images, perfect, targets, ["pointing_game"])
 
 
-def test_faithfulness_scores_use_wire_names() -> None:
-    scores = FaithfulnessScores(deletion_auc=np.zeros(1), mu_fidelity=np.ones(1))
-    assert list(scores.as_dict()) == ["deletion_auc", "mu_fidelity"]
+def test_scores_use_wire_names(forward: OnnxForward, case: tuple[np.ndarray, ...]) -> None:
+    images, perfect, _, targets = case
+    scores = compute_scores(forward, images, perfect, targets, ["mu_fidelity", "deletion_auc"])
+    assert list(scores) == ["mu_fidelity", "deletion_auc"]
     assert set(SCORE_NAMES) == {"deletion_auc", "insertion_auc", "mu_fidelity"}
 
 

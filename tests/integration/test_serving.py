@@ -16,8 +16,8 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.client import SaliencyClient, decode_map, decode_mask
 from service.engine.registry import method_names
+from service.protocol.names import METHODS
 from service.runtime.onnx_forward import cpu_quota
-from service.serving.pipeline import method_enum
 
 pytestmark = pytest.mark.integration
 SEVERAL = ["vanilla_gradient", "grad_cam", "integrated_gradients", "smoothgrad"]
@@ -34,7 +34,7 @@ def test_explain_several_methods_in_one_call(client: SaliencyClient, samples) ->
     data, label, truth = samples[0]
     reply = client.explain(data, methods=SEVERAL, top_k=1, mask="grabcut")
     assert reply.predictions[0].index == label
-    assert [e.method for e in reply.explanations] == [method_enum(m) for m in SEVERAL]
+    assert [e.method for e in reply.explanations] == [METHODS.number(m) for m in SEVERAL]
     for item in reply.explanations:
         saliency = decode_map(item.map)
         assert saliency.shape == truth.shape

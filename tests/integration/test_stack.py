@@ -56,7 +56,7 @@ def test_torchserve_is_gone_after_its_block_also_when_the_block_raises(tmp_path:
 
 def test_gateway_is_gone_after_its_block(torchserve: TorchServe) -> None:
     loops_before = sum(t.name == "gateway-loop" for t in threading.enumerate())
-    with running_gateway(torchserve) as started:
+    with running_gateway(torchserve.grpc_address, list(torchserve.models)) as started:
         with grpc.insecure_channel(started.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.decode import decode_map, decode_mask
 from service.engine.registry import list_methods
-from service.serving import codec
-from service.serving.pipeline import Explainer, method_enum
+from service.protocol.names import METHODS
+from service.serving.pipeline import Explainer
 
 RNG = np.random.default_rng(0)
 PICTURE = RNG.integers(0, 255, (50, 40, 3), dtype=np.uint8)
@@ -24,7 +25,7 @@ def png(array: np.ndarray = PICTURE) -> bytes:
 
 def request(*methods: str, **fields: object) -> pb.ExplainRequest:
     req = pb.ExplainRequest(image=pb.Image(encoded=png()), **fields)  # type: ignore[arg-type]
-    req.methods.extend(pb.MethodRequest(method=method_enum(m)) for m in methods)
+    req.methods.extend(pb.MethodRequest(method=METHODS.number(m)) for m in methods)
     return req
 
 
@@ -48,7 +49,7 @@ def test_explain_returns_maps_masks_and_boxes_at_image_resolution(explainer: Exp
     for item in reply.explanations:
         assert (item.map.height, item.map.width) == (50, 40)
         assert (item.mask.height, item.mask.width) == (50, 40)
-        mask = codec.decode_mask(item.mask)
+        mask = decode_mask(item.mask)
         assert 0 < mask.sum() <= 0.1 * mask.size  # 95th percentile mask
         assert item.HasField("box")
         assert item.box.x_max < 40 and item.box.y_max < 50
@@ -66,7 +67,7 @@ def test_integrated_gradients_reports_completeness(explainer: Explainer) -> None
 def test_explicit_targets_and_params(explainer: Explainer) -> None:
     req = request(target_classes=[3, 1])
     req.methods.append(
-        pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "4"})
+        pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"n_samples": "4"})
     )
     [reply] = explainer.explain_batch([req])
     assert [e.target for e in reply.explanations] == [3, 1]
@@ -86,14 +87,14 @@ def test_explicit_targets_and_params(explainer: Explainer) -> None:
         (lambda r: r.methods.append(pb.MethodRequest()), "INVALID_ARGUMENT", "unset"),
         (
             lambda r: r.methods.append(
-                pb.MethodRequest(method=method_enum("smoothgrad"), params={"bogus": "1"})
+                pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"bogus": "1"})
             ),
             "INVALID_ARGUMENT",
             "bogus",
         ),
         (
             lambda r: r.methods.append(
-                pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "many"})
+                pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"n_samples": "many"})
             ),
             "INVALID_ARGUMENT",
             "n_samples",
@@ -138,8 +139,8 @@ def test_a_request_gets_the_same_answer_alone_or_batched(explainer: Explainer, m
     [alone] = explainer.explain_batch([mine])
     batched = explainer.explain_batch([*others, mine])[-1]
     np.testing.assert_allclose(
-        codec.decode_map(batched.explanations[0].map),
-        codec.decode_map(alone.explanations[0].map),
+        decode_map(batched.explanations[0].map),
+        decode_map(alone.explanations[0].map),
         rtol=1e-5,
         atol=1e-6,
     )
