@@ -45,8 +45,10 @@ class _Servicer(ts_grpc.InferenceAPIsServiceServicer):
     async def Predictions(  # type: ignore[override]
         self, request: ts_pb.PredictionsRequest, context: grpc.aio.ServicerContext
     ) -> ts_pb.PredictionResponse:
-        self.script.received.append(request)
         key = next(k for k in ("request", "predict", "model_info") if k in request.input)
+        if key not in self.script.unary and key == "model_info":  # the gateway's health probe
+            return ts_pb.PredictionResponse(prediction=b"")
+        self.script.received.append(request)
         reply = self.script.unary[key](request)
         if isinstance(reply, tuple):
             await context.abort(*reply)

@@ -130,28 +130,76 @@ def test_an_unknown_code_is_internal_and_messages_stay_bounded(
     assert 1000 <= len(err.value.details()) < 1100  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(
-    ("status", "code", "message"),
-    [
-        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE, "model server unavailable"),
-        (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND, "'tiny' is not served here"),
-        (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL, "model server error: worker died"),
-    ],
-)
-def test_torchserve_failures_keep_their_status(
+# What TorchServe 0.12 sends (code, description with the class name grpc-java appends),
+# and what the client must see (service.protocol.upstream has the sources).
+JAVA = "\norg.pytorch.serve.http.InternalServerException"
+TORCHSERVE_FAILURES = [
+    ("INTERNAL", "Worker died." + JAVA, "UNAVAILABLE", "worker serving tiny stopped"),
+    ("RESOURCE_EXHAUSTED", "Worker died." + JAVA, "UNAVAILABLE", "retry"),  # exit code 137
+    (
+        "INTERNAL",
+        'Model "tiny--predict" has no worker to serve inference request. Please use scale '
+        "workers API to add workers. If this is a sequence inference, please check if it is "
+        "closed, or expired; or exceeds maxSequenceJobQueueSize\nInternalServerException.()",
+        "RESOURCE_EXHAUSTED",
+        "server busy",
+    ),
+    ("INTERNAL", "Out of resources" + JAVA, "RESOURCE_EXHAUSTED", "retry with backoff"),
+    ("UNAVAILABLE", "Prediction failed" + JAVA, "UNAVAILABLE", "failed a batch"),
+    (
+        "INTERNAL",
+        "Model not found: tiny\norg.pytorch.serve.archive.model.ModelNotFoundException",
+        "NOT_FOUND",
+        "model tiny is not loaded",
+    ),
+    (
+        "INTERNAL",
+        "Model version: 2 does not exist for model: tiny\n"
+        "org.pytorch.serve.archive.model.ModelVersionNotFoundException",
+        "NOT_FOUND",
+        "not loaded",
+    ),
+    (
+        "INTERNAL",
+        "Parameter model_name is required.\nBadRequestException.()",
+        "INVALID_ARGUMENT",
+        "no model name",
+    ),
+    (
+        "PERMISSION_DENIED",
+        "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+        "UNAVAILABLE",
+        "refused the gateway's key",
+    ),
+    ("UNAVAILABLE", "failed to connect to all addresses", "UNAVAILABLE", "not answering"),
+    ("RESOURCE_EXHAUSTED", "gRPC message exceeds maximum size", "RESOURCE_EXHAUSTED", "larger"),
+    ("DEADLINE_EXCEEDED", "Deadline exceeded", "DEADLINE_EXCEEDED", "deadline exceeded"),
+    ("UNIMPLEMENTED", "Method not found: x.y.Z", "INTERNAL", "model server error (UNIMPLEMENTED)"),
+]
+
+
+@pytest.mark.parametrize(("status", "details", "code", "message"), TORCHSERVE_FAILURES)
+def test_each_torchserve_failure_gets_its_code_and_a_clean_message(
     gateway: Gateway,
     stub: pb_grpc.ExplainServiceStub,
     script: Script,
-    status: grpc.StatusCode,
-    code: grpc.StatusCode,
+    status: str,
+    details: str,
+    code: str,
     message: str,
 ) -> None:
-    script.unary["request"] = lambda _: (status, "worker died")
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Explain(request(), timeout=30)
-    assert err.value.code() == code  # type: ignore[attr-defined]
-    assert message in err.value.details()  # type: ignore[attr-defined]
-    assert calls(gateway, "Explain", code.name) == 1
+    script.unary["request"] = lambda _: (getattr(grpc.StatusCode, status), details)
+    script.unary["predict"] = script.unary["request"]
+    for call in (
+        lambda: stub.Explain(request(), timeout=30),
+        lambda: stub.Predict(pb.PredictRequest(), timeout=30),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code().name == code  # type: ignore[attr-defined]
+        text = err.value.details()  # type: ignore[attr-defined]
+        assert message in text
+        assert "org.pytorch" not in text and "Exception" not in text and len(text) < 300
 
 
 def test_an_unknown_model_is_refused_without_an_upstream_call(
