@@ -189,13 +189,24 @@ class TorchServe:
             return False
         return True
 
+    def check_started(self) -> bool:
+        """One look: ``True`` once every model has a READY worker (and the forward-only
+        pools are sized).
+
+        Raises:
+            RuntimeError: TorchServe exited.
+        """
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited early; see {self.run_dir / 'logs'}")
+        if not self.ready():
+            return False
+        self._size_predict_pools(timeout=180.0)
+        return True
+
     def wait_ready(self, timeout: float = 180.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited early; see {self.run_dir / 'logs'}")
-            if self.ready():
-                self._size_predict_pools(max(end - time.monotonic(), 1.0))
+            if self.check_started():
                 return
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.run_dir}/logs")

@@ -74,6 +74,9 @@ class GatewayConfig:
             the sized ones.
         max_message_bytes: largest request accepted (RESOURCE_EXHAUSTED above it).
         health_interval_s, health_stale_after_s: see :class:`BackendHealth`.
+        health_port: also serve grpc.health.v1 alone, in plaintext, on loopback at this
+            port (``None``: not): in-container probes of a TLS or mTLS gateway need no
+            certificate, and it exposes nothing but health.
         tls: serve TLS (and mutual TLS) instead of plaintext.
         auth_token_file: accepted bearer tokens (:class:`TokenFile`); ``None``: no auth.
         reflection: serve gRPC reflection (off: it lists the API to anyone who asks).
@@ -94,6 +97,7 @@ class GatewayConfig:
     max_message_bytes: int = GATEWAY_RECEIVE_BYTES
     health_interval_s: float = 1.0
     health_stale_after_s: float = 10.0
+    health_port: int | None = None
     tls: TLSConfig | None = None
     auth_token_file: Path | None = None
     reflection: bool = False
@@ -143,6 +147,8 @@ class Gateway:
         )
         self.port = 0
         self.metrics_port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self._metrics_server: Any = None
         self._poller: asyncio.Task[None] | None = None
 
@@ -168,6 +174,13 @@ class Gateway:
             self.config.metrics_port, addr=self.config.metrics_host, registry=self.metrics.registry
         )
         self.metrics_port = self._metrics_server.server_port
+        if self.config.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{LOOPBACK}:{self.config.health_port}"
+            )
+            await self._health_server.start()
         await self.backend.first_round(timeout=5.0)
         await self.server.start()
         self._poller = asyncio.create_task(self._poll())
@@ -198,6 +211,8 @@ class Gateway:
         await self.backend.close()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         await self.upstream.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()  # stops serving; the socket stays bound until
@@ -231,11 +246,13 @@ def describe(config: GatewayConfig, gateway: Gateway) -> str:
     )
 
 
-async def run_gateway(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set (or forever)."""
+async def run_gateway(
+    config: GatewayConfig, stop: asyncio.Event | None = None, grace: float = 5.0
+) -> None:
+    """Run until ``stop`` is set (or forever), then drain for up to ``grace`` seconds."""
     gateway = await start_gateway(config)
     print(describe(config, gateway), flush=True)
     try:
         await (stop.wait() if stop else asyncio.Event().wait())
     finally:
-        await gateway.stop()
+        await gateway.stop(grace)
