@@ -131,13 +131,13 @@ class BackendHealth:
         self.metrics.upstream_ready.set(1 if self.published.get("") == SERVING else 0)
 
     async def run(self) -> None:
-        """Check every ``interval_s`` until cancelled."""
+        """Check every ``interval_s`` until cancelled (after :meth:`first_round`)."""
         while True:
+            await asyncio.sleep(self.interval_s)
             try:
                 await self.check()
             except Exception:  # health must outlive any one failed round
                 logger.exception("health check round failed")
-            await asyncio.sleep(self.interval_s)
 
     async def close(self) -> None:
         for task in list(self._probes.values()):

@@ -8,7 +8,6 @@ labels from closed sets -- all without Java.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,54 +18,10 @@ from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.server import Gateway
 from service.protocol.errors import _CODES
 from service.protocol.names import METHODS
-from service.stack import running_gateway
-from tests.gateway.fake_torchserve import Script, fake_torchserve
+from tests.gateway.fake_torchserve import Script
+from tests.gateway.support import MODEL, calls, reply_with, request
 
-MODEL = "tiny"
 CODES = sorted({code for _, code in _CODES})
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
-
-
-@pytest.fixture
-def gateway(script: Script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
-    monkeypatch.setenv("SALIENCY_CANCEL_DIR", str(tmp_path / "cancel"))
-    with (
-        fake_torchserve(script) as upstream,
-        running_gateway(upstream, [MODEL], health_interval_s=60.0) as started,
-    ):
-        yield started.gateway
-
-
-@pytest.fixture
-def stub(gateway: Gateway) -> Iterator[pb_grpc.ExplainServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        yield pb_grpc.ExplainServiceStub(channel)
-
-
-def request(model: str = "") -> pb.ExplainRequest:
-    return pb.ExplainRequest(model=model, image=pb.Image(encoded=b"png bytes"))
-
-
-def calls(gateway: Gateway, rpc: str, code: str, model: str = MODEL) -> float:
-    """Calls counted with these labels; waits a little, as the interceptor records a call
-    after its status has gone out."""
-    labels = {"method": rpc, "model": model, "code": code}
-    deadline = time.monotonic() + 5.0
-    while True:
-        value = gateway.metrics.registry.get_sample_value(
-            "saliency_request_duration_seconds_count", labels
-        )
-        if value or time.monotonic() > deadline:
-            return value or 0.0
-        time.sleep(0.02)
-
-
-def reply_with(message: pb.ExplainResponse) -> bytes:
-    return message.SerializeToString()
 
 
 def test_a_reply_passes_through_with_its_stage_metrics(
