@@ -61,6 +61,8 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: GatewayMetrics, model_of: Callable[[Any], str]) -> None:
         self.metrics = metrics
         self.model_of = model_of
+        self.active = 0  # calls in flight now
+        self.started = 0  # calls started so far
 
     async def intercept_service(
         self,
@@ -93,6 +95,8 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         self.metrics.in_flight.inc()
+        self.active += 1
+        self.started += 1
         try:
             if isinstance(request, Undecodable):
                 raise request.error
@@ -105,6 +109,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
         finally:
             self.metrics.in_flight.dec()
+            self.active -= 1
             self._observe(rpc, request, code, start)
 
     def _unary(self, rpc: str, behaviour: Any) -> Any:

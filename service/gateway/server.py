@@ -20,6 +20,7 @@ from service.gateway.admission import Admission, PoolSize
 from service.gateway.auth import TokenAuthInterceptor, TokenFile
 from service.gateway.health import BackendHealth
 from service.gateway.interceptors import ErrorAndMetricsInterceptor
+from service.gateway.memory import HeapTrimmer
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ExplainServicer
 from service.gateway.upstream import KeyFile, TorchServeClient
@@ -72,6 +73,12 @@ class GatewayConfig:
         batches_per_worker: queued batches per worker the bounds allow.
         max_in_flight: explicit bounds per kind (``explain``, ``predict``), overriding
             the sized ones.
+        max_concurrent_rpcs: calls (of any kind, health included) the transport takes at
+            once; above it gRPC refuses them with RESOURCE_EXHAUSTED before the gateway
+            allocates anything. ``None``: four times the in-flight bounds' sum, at least
+            256 (room for the calls admission itself refuses, and for health checks).
+        trim_heap: give free heap back to the system when idle after traffic
+            (:class:`~service.gateway.memory.HeapTrimmer`).
         max_message_bytes: largest request accepted (RESOURCE_EXHAUSTED above it).
         health_interval_s, health_stale_after_s: see :class:`BackendHealth`.
         health_port: also serve grpc.health.v1 alone, in plaintext, on loopback at this
@@ -94,6 +101,8 @@ class GatewayConfig:
     predict_pool: PoolSize = DEFAULT_POOL
     batches_per_worker: int = 4
     max_in_flight: dict[str, int] = field(default_factory=dict)
+    max_concurrent_rpcs: int | None = None
+    trim_heap: bool = True
     max_message_bytes: int = GATEWAY_RECEIVE_BYTES
     health_interval_s: float = 1.0
     health_stale_after_s: float = 10.0
@@ -137,9 +146,13 @@ class Gateway:
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if config.auth_token_file is not None:  # outermost: a refused call costs nothing
             interceptors.append(TokenAuthInterceptor(TokenFile(config.auth_token_file)))
-        interceptors.append(ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label))
+        calls = ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label)
+        interceptors.append(calls)
+        self.trimmer = HeapTrimmer(lambda: calls.active, lambda: calls.started)
+        bound = sum(self.admission.limits.values())
         self.server = grpc.aio.server(
             interceptors=interceptors,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs or max(256, 4 * bound),
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -186,11 +199,16 @@ class Gateway:
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
-        sweep = asyncio.create_task(self._sweep_cancel_marks())
+        chores = [
+            asyncio.create_task(self._sweep_cancel_marks()),
+        ]
+        if self.config.trim_heap:
+            chores.append(asyncio.create_task(self.trimmer.run()))
         try:
             await self.backend.run()
         finally:
-            sweep.cancel()
+            for chore in chores:
+                chore.cancel()
 
     async def _sweep_cancel_marks(self) -> None:
         while True:
