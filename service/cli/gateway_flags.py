@@ -49,6 +49,11 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "--max-in-flight-predict", type=int, help="predictions in flight per model (same)"
     )
     load.add_argument(
+        "--no-heap-trim",
+        action="store_true",
+        help="keep the heap's high-water mark after bursts (no malloc_trim when idle)",
+    )
+    load.add_argument(
         "--drain-seconds",
         type=float,
         default=30.0,
@@ -91,5 +96,6 @@ def gateway_config(args: argparse.Namespace, **fields: Any) -> Any:
         auth_token_file=args.auth_token_file,
         reflection=args.reflection,
         max_in_flight=limits,
+        trim_heap=not args.no_heap_trim,
         **fields,
     )

@@ -124,7 +124,12 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.health = health.aio.HealthServicer()
         key = KeyFile(config.upstream_key_file) if config.upstream_key_file else None
-        self.upstream = TorchServeClient(config.upstream, key=key, on_answer=self._answered)
+        self.upstream = TorchServeClient(
+            config.upstream,
+            key=key,
+            on_answer=self._answered,
+            on_retry=lambda model: self.metrics.upstream_retries.labels(model).inc(),
+        )
         self.backend = BackendHealth(
             self.upstream,
             config.models,

@@ -104,6 +104,7 @@ class TorchServeClient:
         retry: what to do when a worker dies under a call.
         on_answer: called with TorchServe's model name whenever a worker answered, so that
             health knows the model can answer without probing it.
+        on_retry: called with the served model's name when a call is sent once more.
         backstop_s: the longest a call without a client deadline may take (the worker
             applies its own default deadline to those; this only frees the gateway's slot
             if the model server never answers).
@@ -117,6 +118,7 @@ class TorchServeClient:
         retry: RetryPolicy | None = None,
         cancels: CancelBoard | None = None,
         on_answer: Callable[[str], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
         backstop_s: float = 900.0,
     ) -> None:
         self.address = address
@@ -124,6 +126,7 @@ class TorchServeClient:
         self.retry = retry or RetryPolicy()
         self.cancels = cancels or CancelBoard()
         self.on_answer = on_answer or (lambda _name: None)
+        self.on_retry = on_retry or (lambda _name: None)
         self.retries = 0
         self.backstop_s = backstop_s
         self.channel = grpc.aio.insecure_channel(
@@ -179,7 +182,7 @@ class TorchServeClient:
                 )
             except grpc.aio.AioRpcError as exc:
                 error = from_torchserve(exc.code().name, exc.details() or "", model)
-                pause = self._retry_pause(error, attempt, end) if retry else None
+                pause = self._retry_pause(error, attempt, end, model) if retry else None
                 if pause is None:
                     raise error from None
                 await asyncio.sleep(pause)
@@ -212,7 +215,7 @@ class TorchServeClient:
                 complete = True
             except grpc.aio.AioRpcError as exc:
                 error = from_torchserve(exc.code().name, exc.details() or "", model)
-                pause = None if sent else self._retry_pause(error, attempt, end)
+                pause = None if sent else self._retry_pause(error, attempt, end, model)
                 if pause is None:
                     raise error from None
                 await asyncio.sleep(pause)
@@ -224,12 +227,13 @@ class TorchServeClient:
             self.on_answer(ts_model)
             return
 
-    def _retry_pause(self, error: Exception, attempt: int, end: float) -> float | None:
+    def _retry_pause(self, error: Exception, attempt: int, end: float, model: str) -> float | None:
         if not isinstance(error, UnavailableError) or attempt >= self.retry.attempts:
             return None
         pause = self.retry.pause(_left(end))
         if pause is not None:
             self.retries += 1
+            self.on_retry(model)
             logger.info("retrying a call after: %s", error)
         return pause
 

@@ -83,6 +83,10 @@ def test_a_call_whose_worker_died_is_sent_once_more_with_the_same_deadline(
     assert first.input["deadline_unix_ms"] == second.input["deadline_unix_ms"]
     assert first.input["request_id"] != second.input["request_id"]
     assert gateway.upstream.retries == 1
+    retried = {"model": MODEL}
+    assert (
+        gateway.metrics.registry.get_sample_value("saliency_upstream_retries_total", retried) == 1
+    )
     assert calls(gateway, "Explain", "OK") == 1
 
 
