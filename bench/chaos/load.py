@@ -84,12 +84,14 @@ def run_clients(
         thread.join(180)
 
 
-def stream_burst(address: str, image: bytes, calls: int) -> Counter[str]:
-    """Status names of ``calls`` ExplainStream calls started at once."""
+def stream_burst(
+    address: str, image: bytes, calls: int, method: str = "vanilla_gradient"
+) -> Counter[str]:
+    """Status names of ``calls`` ExplainStream calls of ``method`` started at once."""
 
     async def one(client: AsyncSaliencyClient) -> str:
         try:
-            async for _ in client.explain_stream(image, methods=["vanilla_gradient"], timeout=300):
+            async for _ in client.explain_stream(image, methods=[method], timeout=300):
                 pass
         except grpc.aio.AioRpcError as err:
             return err.code().name

@@ -6,19 +6,18 @@ Supervision by ``serve`` (finding 13) is in ``test_supervision.py``.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import AsyncSaliencyClient, SaliencyClient, explain_request
+from bench.chaos.load import stream_burst
+from service.client import SaliencyClient, explain_request
 from service.launcher import TorchServe
 from service.stack import RunningGateway, gateway_options, running_gateway
 
@@ -59,31 +58,14 @@ def test_predict_never_waits_behind_explanations(client: SaliencyClient, samples
             call.cancel()
 
 
-def statuses_of_a_burst(address: str, data: bytes, calls: int) -> Counter[str]:
-    """Status names of ``calls`` ExplainStream calls started at once."""
-
-    async def one(client: AsyncSaliencyClient) -> str:
-        try:
-            async for _ in client.explain_stream(data, methods=["smoothgrad"], timeout=120):
-                pass
-        except grpc.aio.AioRpcError as err:
-            return err.code().name
-        return "OK"
-
-    async def burst() -> list[str]:
-        async with AsyncSaliencyClient(address) as client:
-            return await asyncio.gather(*(one(client) for _ in range(calls)))
-
-    return Counter(asyncio.run(burst()))
-
-
 def test_a_stream_burst_gets_answers_or_retryable_refusals(
     torchserve: TorchServe, samples: Samples
 ) -> None:
     """Finding 15: 867 of 1,000 streams got INTERNAL "Model has no worker"."""
     options = {**gateway_options(torchserve), "max_in_flight": {"explain": 8}}
     with running_gateway(torchserve.grpc_address, ["shapes"], **options) as small:
-        counted = statuses_of_a_burst(small.address, samples[0][0], calls=120)
+        # SmoothGrad: long enough that the calls overlap however fast this machine is.
+        counted = stream_burst(small.address, samples[0][0], calls=120, method="smoothgrad")
         assert set(counted) == {"OK", "RESOURCE_EXHAUSTED"}, counted
         assert small.gateway.admission.in_flight[("shapes", "explain")] == 0
 
@@ -95,7 +77,7 @@ def test_a_full_torchserve_queue_is_a_retryable_resource_exhausted(
     own bound is far above TorchServe's queue of 2, so TorchServe's refusal is what shows."""
     options = {**gateway_options(small_torchserve), "max_in_flight": {"explain": 1000}}
     with running_gateway(small_torchserve.grpc_address, ["shapes"], **options) as front:
-        counted = statuses_of_a_burst(front.address, samples[0][0], calls=24)
+        counted = stream_burst(front.address, samples[0][0], calls=24, method="smoothgrad")
     assert set(counted) == {"OK", "RESOURCE_EXHAUSTED"}, counted
 
 
