@@ -7,7 +7,8 @@ asks the way a client would: a ``model_info`` request (cheap; a worker answers i
 forward-only pool -- and counts any real answer from a worker as an answer too. A pool is
 up while it answered within ``stale_after_s``; the frontend is up while ``Ping`` answers,
 checked every ``interval_s`` (a dead Java process refuses the connection at once, so
-health turns NOT_SERVING within about one interval).
+health turns NOT_SERVING within about one interval; a ping that is merely slow under load
+changes nothing).
 
 Services reported (``grpc-health-probe -service=...``, the kubelet's ``grpc`` probe):
 
@@ -98,7 +99,10 @@ class BackendHealth:
 
     async def check(self) -> None:
         """One round: ping the frontend, start the probes not in flight, publish."""
-        self.frontend_up = await self.upstream.ping(timeout=max(self.interval_s, 0.5))
+        # A ping that times out says "busy", not "gone": keep what we knew.
+        reached = await self.upstream.ping(timeout=max(2 * self.interval_s, 1.0))
+        if reached is not None:
+            self.frontend_up = reached
         if self.frontend_up:
             for ts_model in {p for pools in self.pools.values() for p in pools.values()}:
                 if ts_model not in self._probes:

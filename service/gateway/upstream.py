@@ -145,12 +145,14 @@ class TorchServeClient:
         key = self.key.key() if self.key is not None else ""
         return (("authorization", f"Bearer {key}"),) if key else ()
 
-    async def ping(self, timeout: float) -> bool:
-        """Whether TorchServe's frontend (the Java process) answers at all."""
+    async def ping(self, timeout: float) -> bool | None:
+        """Whether TorchServe's frontend (the Java process) is there: ``True`` when it
+        answered, ``False`` when it cannot be reached (a dead process refuses the
+        connection at once), ``None`` when it did not answer in time (busy, not gone)."""
         try:
             await self.stub.Ping(empty_pb2.Empty(), timeout=timeout, metadata=self._metadata())
-        except grpc.aio.AioRpcError:
-            return False
+        except grpc.aio.AioRpcError as exc:
+            return False if exc.code() == grpc.StatusCode.UNAVAILABLE else None
         return True
 
     async def call(
