@@ -15,6 +15,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -48,35 +49,31 @@ class Outcome:
     seconds: float
 
 
-def _number_values(info: pb.ParamInfo, rng: random.Random) -> list[str]:
+def _number_values(info: pb.ParamInfo, rng: random.Random) -> tuple[list[str], list[str]]:
     low = info.minimum if info.HasField("minimum") else -1e6
     high = info.maximum if info.HasField("maximum") else 1e6
     # Inside the bounds, mostly near the bottom: the cost of most parameters grows with
     # their value, and a run of mostly expensive requests measures the deadline, not us.
     inside = low + (high - low) * rng.random() ** 4
-    values = [info.default, info.default, repr(low), repr(high), repr(inside)]
-    values += [repr(low - 1), repr(high + 1)]
     if info.type == "int":
-        values += [str(int(inside)), str(2**31), str(-(2**63)), "1.5", str(int(high) + 1)]
-    return [*values, "nan", "inf", "-inf", "1e309", "", "x" * HUGE, "0x10", " 3 "]
-
-
-def param_value(info: pb.ParamInfo, rng: random.Random) -> str:
-    """A value for parameter ``info``: usually a valid one, often a hostile one."""
-    if info.type in ("int", "float"):
-        values = _number_values(info, rng)
-    elif info.type == "bool":
-        values = ["true", "false", "1", "0", "maybe", "", "T" * HUGE]
+        valid = [info.default, str(int(low)), str(int(inside))]
+        hostile = [str(int(high) + 1), str(2**31), str(-(2**63)), "1.5", repr(low - 1)]
     else:
-        values = [*info.choices, "", "no-such-choice", "\u00e9\u4e2d\U0001f600", "y" * HUGE]
-    return rng.choice(values)
+        valid = [info.default, repr(low), repr(inside), repr(high)]
+        hostile = [repr(low - 1), repr(high + 1)]
+    return valid, [*hostile, "nan", "inf", "-inf", "1e309", "", "x" * HUGE, "0x10", " 3 "]
 
 
-def params_for(infos: Sequence[pb.ParamInfo], rng: random.Random) -> dict[str, str]:
-    chosen = {p.name: param_value(p, rng) for p in infos if rng.random() < 0.5}
-    if rng.random() < 0.1:
-        chosen[rng.choice(["no_such_param", "k" * 20_000, ""])] = "1"
-    return chosen
+def param_value(info: pb.ParamInfo, rng: random.Random, hostile: bool) -> str:
+    """A value for parameter ``info``: a valid one, or (``hostile``) one that is not."""
+    if info.type in ("int", "float"):
+        valid, bad = _number_values(info, rng)
+    elif info.type == "bool":
+        valid, bad = ["true", "false"], ["1", "maybe", "", "T" * HUGE]
+    else:
+        valid = list(info.choices) or [info.default]
+        bad = ["", "no-such-choice", "\u00e9\u4e2d\U0001f600", "y" * HUGE]
+    return rng.choice(bad if hostile else valid)
 
 
 class Fuzzer:
@@ -86,15 +83,23 @@ class Fuzzer:
         info: the server's ``ModelInfo`` (methods, masks and scores with their params).
         images: encoded images the model can read.
         seed: the generator's seed; the same seed draws the same cases.
+        hostility: the chance that any one field of a request is hostile; at 0.1 about a
+            third of the requests have no hostile field and are served, beside the rest.
     """
 
-    def __init__(self, info: pb.ModelInfo, images: Sequence[bytes], seed: int) -> None:
+    def __init__(
+        self, info: pb.ModelInfo, images: Sequence[bytes], seed: int, hostility: float = 0.1
+    ) -> None:
         self.info = info
         self.rng = random.Random(seed)
         self.images = Images(images, self.rng)
+        self.hostility = hostility
 
     def cases(self, count: int) -> list[Case]:
         return [self.case() for _ in range(count)]
+
+    def pick(self, valid: Sequence[Any], hostile: Sequence[Any]) -> Any:
+        return self.rng.choice(hostile if self.rng.random() < self.hostility else valid)
 
     def case(self) -> Case:
         roll = self.rng.random()
@@ -108,55 +113,57 @@ class Fuzzer:
             )
             return Case("Predict", request.SerializeToString(), "predict")
         if roll < 0.28:
-            return Case(
-                "GetModelInfo",
-                pb.GetModelInfoRequest(model=self._model()).SerializeToString(),
-                "info",
-            )
+            info = pb.GetModelInfoRequest(model=self._model())
+            return Case("GetModelInfo", info.SerializeToString(), "info")
         rpc = "ExplainStream" if self.rng.random() < 0.3 else "Explain"
         request = self._explain()
-        names = [
-            m.name for m in self.info.methods if m.method in {c.method for c in request.methods}
-        ]
+        asked = {c.method for c in request.methods}
+        names = [m.name for m in self.info.methods if m.method in asked]
         return Case(rpc, request.SerializeToString(), f"methods {names or 'unregistered'}")
 
     def _model(self) -> str:
-        name = self.info.model.name
-        return self.rng.choice(["", "", "", name, "no-such-model", "m" * 20_000, "../../etc"])
+        hostile = ["no-such-model", "m" * 20_000, "../../etc", "\x00"]
+        return str(self.pick(["", "", self.info.model.name], hostile))
 
     def _count(self) -> int:
-        return self.rng.choice([0, 1, 1, 2, 3, 20, 21, 1000, 2**32 - 1])
+        return int(self.pick([0, 1, 1, 2, 3], [21, 1000, 2**32 - 1]))
+
+    def _params(self, infos: Sequence[pb.ParamInfo]) -> dict[str, str]:
+        rng = self.rng
+        chosen = {
+            p.name: param_value(p, rng, rng.random() < self.hostility)
+            for p in infos
+            if rng.random() < 0.5
+        }
+        if rng.random() < self.hostility / 2:
+            chosen[rng.choice(["no_such_param", "k" * 20_000, ""])] = "1"
+        return chosen
 
     def _explain(self) -> pb.ExplainRequest:
         rng = self.rng
         methods = []
-        for _ in range(rng.choice([0, 1, 1, 1, 2, 3, 40])):
-            if rng.random() < 0.05:
+        for _ in range(int(self.pick([0, 1, 1, 1, 2, 3], [40]))):
+            if rng.random() < self.hostility / 3:
                 methods.append(pb.MethodRequest(method=rng.choice([0, 999, 2**31 - 1])))  # type: ignore[arg-type]
                 continue
             entry = rng.choice(list(self.info.methods))
-            methods.append(
-                pb.MethodRequest(method=entry.method, params=params_for(entry.params, rng))
-            )
+            methods.append(pb.MethodRequest(method=entry.method, params=self._params(entry.params)))
         mask = rng.choice(list(self.info.masks))
-        kind = mask.kind if rng.random() < 0.95 else 77
         scores = [s.score for s in self.info.scores if rng.random() < 0.15]
         return pb.ExplainRequest(
             model=self._model(),
             image=self.images.draw(),
             top_k=self._count(),
-            target_classes=[
-                rng.choice([0, 1, 9, 10, 2**32 - 1]) for _ in range(rng.choice([0, 0, 1, 2]))
-            ],
+            target_classes=self.pick([[], [], [0], [3, 9]], [[10], [2**32 - 1], [0] * 40]),
             methods=methods,
             mask=pb.MaskOptions(
-                kind=kind,  # type: ignore[arg-type]
-                params=params_for(mask.params, rng),
-                percentile=rng.choice([0.0, 0.0, 50.0, -1.0, math.nan, math.inf]),
+                kind=self.pick([mask.kind], [77]),
+                params=self._params(mask.params),
+                percentile=self.pick([0.0, 0.0, 50.0], [-1.0, math.nan, math.inf]),
             ),
-            map_encoding=rng.choice([0, 1, 2, 9]),  # type: ignore[arg-type]
+            map_encoding=self.pick([0, 1, 2], [9]),
             seed=rng.choice([0, 1, 2**64 - 1]),
-            scores=scores + ([rng.choice([0, 99])] if rng.random() < 0.05 else []),  # type: ignore[list-item]
+            scores=scores + self.pick([[]], [[0], [99]]),
         )
 
 

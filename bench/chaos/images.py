@@ -44,7 +44,7 @@ class Images:
         self.valid = list(valid)
         self.rng = rng
         self.kinds: list[tuple[float, Callable[[], pb.Image]]] = [
-            (10, self._valid),
+            (20, self._valid),
             (1, self._truncated),
             (1, self._random_bytes),
             (1, self._bomb),

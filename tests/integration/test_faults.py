@@ -25,10 +25,11 @@ pytestmark = pytest.mark.integration
 Samples = list[tuple[bytes, int, object]]
 
 
-def worker_pids(torchserve: TorchServe, model: str) -> list[int]:
-    """What the management API says about the model's workers: their pids, if READY."""
+def worker_pids(torchserve: TorchServe, model: str, *, ready: bool = True) -> list[int]:
+    """What the management API says about the model's workers: their pids (``ready``: of
+    those it calls READY, which a worker briefly is not between two batches)."""
     described = torchserve.management("GET", f"/models/{model}")[0]
-    return [w["pid"] for w in described["workers"] if w["status"] == "READY"]
+    return sorted(w["pid"] for w in described["workers"] if not ready or w["status"] == "READY")
 
 
 def eventually(check: Callable[[], bool], timeout: float = 120.0, pause: float = 0.1) -> float:
