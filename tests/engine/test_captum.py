@@ -1,7 +1,8 @@
 """The gradient methods against Captum 0.9 on the same model, inputs and targets.
 
 Agreement is asked to ``rtol=1e-5`` plus an ``atol`` of ``1e-6`` of the reference's largest
-magnitude (float32 sums in a different order cannot agree better on near-zero pixels).
+magnitude (float32 sums in a different order cannot agree better on near-zero pixels),
+unless a test states a bound of its own.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from captum.attr import (
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
+    NoiseTunnel,
     Saliency,
 )
 
@@ -116,3 +118,72 @@ def test_grad_cam(case: tuple[Engine, torch.Tensor, torch.Tensor]) -> None:
     cam = LayerGradCam(engine.model, layer).attribute(x, target=t, relu_attributions=True)
     theirs = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     assert_close(ours, theirs[:, 0])
+
+
+def noise_tunnel(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    target: int,
+    nt_type: str,
+    sigma: float,
+    draws: torch.Tensor,
+) -> torch.Tensor:
+    """Captum's ``NoiseTunnel(Saliency)`` on one image, fed the given standard normal draws.
+
+    Captum draws its noise as ``torch.normal(0, std)`` with ``std`` filled with ``sigma``
+    and shaped ``(n_samples, C, H, W)`` for one image; this returns ``std * draws`` instead,
+    so both sides see the same noisy points. Raw gradients (``abs=False``): SmoothGrad
+    averages signed gradients. Per channel, ``(1, C, H, W)``.
+    """
+
+    def same_draws(mean: float, std: torch.Tensor) -> torch.Tensor:
+        assert mean == 0 and std.shape == draws.shape
+        return std * draws
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "normal", same_draws)
+        return NoiseTunnel(Saliency(model)).attribute(
+            x, nt_type=nt_type, nt_samples=len(draws), stdevs=sigma, target=target, abs=False
+        )
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_smoothing_methods_equal_noise_tunnel_on_the_same_noise(
+    case: tuple[Engine, torch.Tensor, torch.Tensor], method: str
+) -> None:
+    """SmoothGrad, SmoothGrad^2 and VarGrad are Captum's three ``nt_type`` on Saliency.
+
+    Conventions applied to Captum's output, not to ours: our sigma is a fraction of each
+    image's range (Smilkov et al.), Captum's absolute, so each image gets its own absolute
+    sigma; the draws are the engine's documented ``randn((n_samples, C, H, W))`` from the
+    request seed; our maps take the channel max (of ``|mean|`` for SmoothGrad).
+    """
+    engine, x, t = case
+    n_samples, noise_level, seed = 8, 0.2, 5
+    # One image's samples in one pass, as Captum batches them: the same rows, so the same
+    # gradients; what remains is Captum's float32 sums against our float64 ones.
+    one_pass = Engine(engine.model, input_shape=engine.input_shape, chunk_size=n_samples)
+    params: dict[str, ParamValue] = {"n_samples": n_samples, "noise_level": noise_level}
+    eps = float(torch.finfo(torch.float32).eps)
+    for b in (0, 2):
+        image, target = x[b : b + 1], int(t[b])
+        ours = one_pass.explain(image, [target], method, params, seed=seed).maps
+        draws = torch.randn(
+            (n_samples, *image.shape[1:]), generator=torch.Generator().manual_seed(seed)
+        )
+        sigma = float(noise_level * (image.amax() - image.amin()))
+        mean_sq = noise_tunnel(engine.model, image, target, "smoothgrad_sq", sigma, draws)
+        if method == "smoothgrad":
+            theirs = noise_tunnel(engine.model, image, target, "smoothgrad", sigma, draws)
+            theirs = theirs.abs().amax(dim=1)
+            scale = float(mean_sq.max()) ** 0.5  # bounds mean |g|
+        elif method == "smoothgrad_sq":
+            theirs, scale = mean_sq.amax(dim=1), float(mean_sq.max())
+        else:  # Captum's E[g^2] - E[g]^2 in float32 may dip below 0; ours is clamped at 0
+            theirs = noise_tunnel(engine.model, image, target, "vargrad", sigma, draws)
+            theirs, scale = theirs.amax(dim=1).clamp_min(0), 2 * float(mean_sq.max())
+        # A float32 sum of n terms is off by at most ~n eps of the sum of their magnitudes.
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=4 * n_samples * eps * scale)
+        # The noise matters at this sigma: other draws give another map.
+        other = one_pass.explain(image, [target], method, params, seed=seed + 1).maps
+        assert float((other - ours).abs().max()) > 100 * 4 * n_samples * eps * scale
