@@ -1,4 +1,8 @@
-"""Named layers of a model: lookup, automatic choice for CAM, per-call activation capture.
+"""Named layers of a model: lookup, per-call activation capture (CAM layer choice: see below).
+
+The CAM layer itself is found by :func:`service.engine.layer_finder.find_cam_layer`, which
+answers a :class:`service.engine.cam_layer.CamLayer` (spatial map or patch tokens, with
+:func:`service.engine.cam_layer.tokens_to_map` for the latter).
 
 Every hook registered here lives inside a ``with`` block and is removed in ``finally``, so a
 model that raises mid-forward leaves no hook behind.
@@ -14,7 +18,7 @@ CAM calls on the same layer run in parallel.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from service.engine.errors import InvalidInputError, UnsupportedMethodError
+from service.engine.layer_finder import find_cam_layer
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
@@ -46,14 +51,7 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
 
 
 def find_last_spatial_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
-    """Name of the last module whose output is 4-D with a spatial size above 1x1.
-
-    Runs one forward pass on a zero image of ``input_shape`` (``C, H, W``) with a hook on
-    every module, so "last" follows the data flow rather than the declaration order. A
-    container that returns its child's tensor unchanged (``nn.Sequential``) does not
-    count: the answer is the module that produced the tensor (or last changed it in
-    place), e.g. ``features.5.2`` rather than ``features``. The hooks are removed before
-    returning.
+    """Name of the spatial CAM layer :func:`find_cam_layer` finds (``Engine``'s ``"auto"``).
 
     Args:
         model: the model (pixel space).
@@ -63,39 +61,16 @@ def find_last_spatial_layer(model: nn.Module, input_shape: tuple[int, int, int])
         The dotted name of the layer, suitable for :func:`resolve_layer`.
 
     Raises:
-        UnsupportedMethodError: no module produces a spatial feature map.
+        UnsupportedMethodError: the model has no CAM layer, or its CAM layer is a token
+            map, which the CAM methods do not reshape yet.
     """
-    last: list[tuple[str, torch.Tensor, int]] = []
-    handles = []
-
-    def record(name: str) -> Callable[[nn.Module, object, object], None]:
-        def hook(_module: nn.Module, _args: object, output: object) -> None:
-            if not isinstance(output, torch.Tensor) or output.dim() != 4:
-                return
-            if output.shape[-2] * output.shape[-1] <= 1:
-                return
-            if last and last[-1][1] is output and last[-1][2] == output._version:
-                return  # passed through unchanged by a container
-            last.append((name, output, output._version))
-
-        return hook
-
-    try:
-        for name, module in model.named_modules():
-            if name:  # the root's output is the logits
-                handles.append(module.register_forward_hook(record(name)))
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        # no_grad, not inference_mode: inference tensors have no version counter.
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device, dtype=dtype))
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not last:
-        raise UnsupportedMethodError("model has no layer with a spatial (N, C, H, W) output")
-    return last[-1][0]
+    layer = find_cam_layer(model, input_shape)
+    if layer.kind != "spatial":
+        raise UnsupportedMethodError(
+            f"the CAM layer is a token map ({layer.how}); CAM methods read spatial maps only: "
+            "give a spatial target layer or none"
+        )
+    return layer.name
 
 
 @dataclass
