@@ -19,30 +19,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from google.protobuf import json_format
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.errors import EngineError, InvalidInputError
+from service.protocol.errors import EngineError, InvalidInputError, clip, code_name, message_of
+from service.protocol.events import EventKind, stream_part
+from service.protocol.families import DEFAULT_MASK, DEFAULT_METHOD
+from service.protocol.limits import Limits
+from service.protocol.request import ExplainQuery, MaskCall, MethodCall
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
-from service.serving.limits import Limits
-from service.serving.pipeline import Event, Explainer, Job, method_enum
-from service.serving.status import code_name
+from service.serving.pipeline import Event, Explainer, Job
 
 logger = logging.getLogger(__name__)
-_JSON_MASKS = {
-    "none": pb.MASK_KIND_NONE,
-    "threshold": pb.MASK_KIND_THRESHOLD,
-    "grabcut": pb.MASK_KIND_GRABCUT,
-}
+INTERNAL_MESSAGE = "internal error in the model worker (see its log)"
 
 
 def worker_threads(model_config: dict[str, Any]) -> int:
@@ -104,6 +103,7 @@ class SaliencyHandler:
         )
 
     def handle(self, data: list[dict[str, Any]], context: Any) -> list[bytes | str]:
+        """One reply per item; an item's failure, whatever it is, fails that item only."""
         assert self.explainer is not None, "initialize() was not called"
         replies: list[bytes | str | None] = [None] * len(data)
         explain: list[tuple[int, Job, bool]] = []
@@ -111,28 +111,36 @@ class SaliencyHandler:
         for index, item in enumerate(data):
             try:
                 kind, message, stream = self._parse(item)
-            except EngineError as exc:
+                if kind == "model_info":
+                    replies[index] = self.explainer.model_info().SerializeToString()
+                elif kind == "predict":
+                    predicts.append((index, message))
+                else:
+                    job = Job(message, _deadline(item), self._cancelled(item))
+                    explain.append((index, job, stream))
+            except Exception as exc:
                 replies[index] = _error_reply(item, exc)
-                continue
-            if kind == "model_info":
-                replies[index] = self.explainer.model_info().SerializeToString()
-            elif kind == "predict":
-                predicts.append((index, message))  # type: ignore[arg-type]
-            else:
-                job = Job(
-                    request=message,  # type: ignore[arg-type]
-                    deadline=_deadline(item),
-                    cancelled=self._cancelled(item),
-                )
-                explain.append((index, job, stream))
         if predicts:
-            for (index, _), response in zip(
-                predicts, self.explainer.predict_batch([m for _, m in predicts]), strict=True
-            ):
-                replies[index] = response.SerializeToString()
+            self._predict(data, predicts, replies)
         if explain:
             self._explain(data, explain, replies, context)
         return [r if r is not None else b"" for r in replies]
+
+    def _predict(
+        self,
+        data: list[dict[str, Any]],
+        predicts: list[tuple[int, pb.PredictRequest]],
+        replies: list[bytes | str | None],
+    ) -> None:
+        assert self.explainer is not None
+        try:
+            responses = self.explainer.predict_batch([message for _, message in predicts])
+        except Exception as exc:  # a bug must not take the other requests' replies with it
+            for index, _ in predicts:
+                replies[index] = _error_reply(data[index], exc)
+            return
+        for (index, _), response in zip(predicts, responses, strict=True):
+            replies[index] = response.SerializeToString()
 
     def _cancelled(self, item: dict[str, Any]) -> Callable[[], bool] | None:
         request_id = _text(item.get("request_id"))
@@ -149,7 +157,7 @@ class SaliencyHandler:
                 return "predict", pb.PredictRequest.FromString(_bytes(item["predict"])), False
         except Exception as exc:  # protobuf raises DecodeError (not a public class)
             raise InvalidInputError(
-                f"input is not a serialized saliency.v1 message: {exc}"
+                f"input is not a serialized saliency.v1 message: {clip(str(exc))}"
             ) from None
         if "model_info" in item:
             return "model_info", None, False
@@ -168,12 +176,10 @@ class SaliencyHandler:
         replies: list[bytes | str | None],
         context: Any,
     ) -> None:
-        assert self.explainer is not None
         where = {id(job): (index, stream) for index, job, stream in explain}
         try:
             events = list(self._events([job for _, job, _ in explain], where, context))
         except Exception as exc:  # a bug must not take the other requests' replies with it
-            logger.error("explain batch failed: %s", traceback.format_exc())
             for index, _, _ in explain:
                 replies[index] = _error_reply(data[index], exc)
             return
@@ -182,7 +188,7 @@ class SaliencyHandler:
             response: pb.ExplainResponse = event.message  # type: ignore[assignment]
             if stream:
                 del response.explanations[:]  # already sent one by one
-                replies[index] = pb.ExplainStreamResponse(summary=response).SerializeToString()
+                replies[index] = stream_part(EventKind.DONE, response).SerializeToString()
             elif "request" in data[index]:
                 replies[index] = response.SerializeToString()
             else:
@@ -190,22 +196,17 @@ class SaliencyHandler:
                     json_format.MessageToDict(response, preserving_proto_field_name=True)
                 )
 
-    def _events(self, jobs: list[Job], where: dict[int, tuple[int, bool]], context: Any):  # type: ignore[no-untyped-def]
+    def _events(
+        self, jobs: list[Job], where: dict[int, tuple[int, bool]], context: Any
+    ) -> Iterator[Event]:
+        """The jobs' final events; the others go out at once to the streaming requests."""
         assert self.explainer is not None
         for event in self.explainer.run(jobs):
             index, stream = where[id(event.job)]
-            if event.kind == "done":
+            if event.kind is EventKind.DONE:
                 yield event
             elif stream:
-                _send_part(context, index, _stream_part(event))
-
-
-def _stream_part(event: Event) -> pb.ExplainStreamResponse:
-    if event.kind == "prediction":
-        return pb.ExplainStreamResponse(prediction=event.message)  # type: ignore[arg-type]
-    if event.kind == "explanation":
-        return pb.ExplainStreamResponse(explanation=event.message)  # type: ignore[arg-type]
-    return pb.ExplainStreamResponse(scores=event.message)  # type: ignore[arg-type]
+                _send_part(context, index, stream_part(event.kind, event.message))
 
 
 def _send_part(context: Any, index: int, part: pb.ExplainStreamResponse) -> None:
@@ -223,27 +224,24 @@ def _send_part(context: Any, index: int, part: pb.ExplainStreamResponse) -> None
 
 
 def _json_request(item: dict[str, Any], image: bytes) -> pb.ExplainRequest:
-    request = pb.ExplainRequest(image=pb.Image(encoded=image))
+    """The ``data`` path's form fields as a request, with the protocol's names."""
     names = [n.strip() for n in (_text(item.get("methods")) or "").split(",") if n.strip()]
-    try:
-        request.methods.extend(pb.MethodRequest(method=method_enum(n)) for n in names)
-    except ValueError:
-        raise InvalidInputError(f"unknown method in {names}") from None
-    top_k = _text(item.get("top_k"))
-    if top_k:
-        if not top_k.isdigit():
-            raise InvalidInputError(f"top_k must be a whole number, got {top_k!r}")
-        request.top_k = int(top_k)
-    mask = _text(item.get("mask"))
-    if mask:
-        if mask not in _JSON_MASKS:
-            raise InvalidInputError(f"mask must be one of {sorted(_JSON_MASKS)}, got {mask!r}")
-        request.mask.kind = _JSON_MASKS[mask]
-    return request
+    top_k = _text(item.get("top_k")) or "1"
+    if not top_k.isdigit():
+        raise InvalidInputError(f"top_k must be a whole number, got {clip(top_k)}")
+    methods = tuple(MethodCall(name) for name in names) or (MethodCall(DEFAULT_METHOD),)
+    mask = MaskCall(_text(item.get("mask")) or DEFAULT_MASK)
+    query = ExplainQuery(pb.Image(encoded=image), top_k=int(top_k), methods=methods, mask=mask)
+    return query.to_pb()
 
 
 def _error_reply(item: dict[str, Any], exc: BaseException) -> bytes | str:
-    error = pb.Error(code=code_name(exc), message=str(exc) or type(exc).__name__)
+    """The reply that carries one item's error, in the form its input asked for."""
+    if isinstance(exc, EngineError):
+        error = pb.Error(code=code_name(exc), message=message_of(exc))
+    else:
+        logger.error("request failed: %s", "".join(traceback.format_exception(exc)))
+        error = pb.Error(code="INTERNAL", message=INTERNAL_MESSAGE)
     if "predict" in item:
         return pb.PredictResponse(error=error).SerializeToString()
     if "model_info" in item:
@@ -251,7 +249,7 @@ def _error_reply(item: dict[str, Any], exc: BaseException) -> bytes | str:
     if "request" in item:
         response = pb.ExplainResponse(error=error)
         if _text(item.get("stream")) == "true":
-            return pb.ExplainStreamResponse(summary=response).SerializeToString()
+            return stream_part(EventKind.DONE, response).SerializeToString()
         return response.SerializeToString()
     return json.dumps({"error": {"code": error.code, "message": error.message}})
 
@@ -261,7 +259,15 @@ def _deadline(item: dict[str, Any]) -> float | None:
     raw = _text(item.get("deadline_unix_ms"))
     if not raw:
         return None
-    return time.monotonic() + (float(raw) / 1000.0 - time.time())
+    try:
+        deadline_ms = float(raw)
+    except ValueError:
+        deadline_ms = math.nan
+    if not math.isfinite(deadline_ms):
+        raise InvalidInputError(
+            f"deadline_unix_ms must be milliseconds since the epoch, got {clip(raw)}"
+        )
+    return time.monotonic() + (deadline_ms / 1000.0 - time.time())
 
 
 def _bytes(value: Any) -> bytes:
@@ -273,4 +279,6 @@ def _bytes(value: Any) -> bytes:
 def _text(value: Any) -> str | None:
     if value is None:
         return None
-    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+    if isinstance(value, bytes | bytearray):
+        return value.decode(errors="replace")  # a bad byte is a bad value, not a crash
+    return str(value)

@@ -1,8 +1,10 @@
 """Regenerate the wire code: `python -m service.protogen [--check]` (what `make protos` runs).
 
 Two steps, both deterministic:
-1. render the ``Method`` enum of ``protos/saliency/v1/saliency.proto`` from the engine's
-   method registry, keeping every number ever given (removed names become ``reserved``);
+1. render the ``Method``, ``MaskKind`` and ``Score`` enums of
+   ``protos/saliency/v1/saliency.proto`` from the engine's three registries, keeping every
+   number ever given (removed names become ``reserved``), each value commented with its
+   member's description;
 2. compile that file and TorchServe's own ``inference.proto`` (read from the installed
    TorchServe jar, so it always matches the server we run) into ``service/_proto`` with
    typed stubs.
@@ -19,47 +21,78 @@ import shutil
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+
+from service.protocol.families import MASK, METHOD, SCORE, Family
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = REPO / "protos" / "saliency" / "v1" / "saliency.proto"
 OUT = REPO / "service" / "_proto"
-_BLOCK = re.compile(r"(// BEGIN GENERATED Method[^\n]*\n)(.*?)(// END GENERATED Method)", re.DOTALL)
-# Active values and retired ones (kept as comments so a returning name gets its number back).
-_ENTRY = re.compile(r"^\s*(?://\s*retired:\s*)?METHOD_([A-Z0-9_]+)\s*=\s*(\d+);", re.MULTILINE)
 
 
-def enum_value_name(method: str) -> str:
-    """``grad_cam_pp`` -> ``METHOD_GRAD_CAM_PP``: the one rule linking registry and proto."""
-    return "METHOD_" + method.upper()
+def render_enum(proto_text: str, family: Family, members: Sequence[tuple[str, str]]) -> str:
+    """The proto text with ``family``'s generated block rendered for ``members``.
 
-
-def render_method_enum(proto_text: str, names: list[str]) -> str:
-    """The proto text with its Method enum block rendered for ``names``."""
-    match = _BLOCK.search(proto_text)
+    Args:
+        proto_text: the whole ``.proto`` file.
+        family: which enum, and its naming rule.
+        members: ``(name, description)`` of every registered member.
+    """
+    block = re.compile(
+        rf"(// BEGIN GENERATED {family.enum}\b[^\n]*\n)(.*?)(// END GENERATED {family.enum}\b)",
+        re.DOTALL,
+    )
+    match = block.search(proto_text)
     if match is None:
-        raise SystemExit(f"{PROTO}: no '// BEGIN GENERATED Method' block")
+        raise SystemExit(f"{PROTO}: no '// BEGIN GENERATED {family.enum}' block")
+    # Active values and retired ones (kept as comments so a returning name gets its number).
+    entry = re.compile(
+        rf"^\s*(?://\s*retired:\s*)?({family.prefix}[A-Z0-9_]+)\s*=\s*(\d+);", re.MULTILINE
+    )
     numbers = {
-        name.lower(): int(num)
-        for name, num in _ENTRY.findall(match.group(2))
-        if name != "UNSPECIFIED"
+        family.name_of(value_name): int(num)
+        for value_name, num in entry.findall(match.group(2))
+        if value_name != family.unspecified_name
     }
+    names = [name for name, _ in members]
     next_number = max([0, *numbers.values()]) + 1
     for name in names:
         if name not in numbers:
             numbers[name] = next_number
             next_number += 1
-    lines = ["enum Method {", "  METHOD_UNSPECIFIED = 0;"]
-    retired = sorted((num, name) for name, num in numbers.items() if name not in names)
+    lines = [
+        f"enum {family.enum} {{",
+        f"  // {family.unspecified}",
+        f"  {family.unspecified_name} = 0;",
+    ]
+    descriptions = dict(members)
     for num, name in sorted((numbers[n], n) for n in names):
-        lines.append(f"  {enum_value_name(name)} = {num};")
+        lines.append(f"  // {descriptions[name]}")
+        lines.append(f"  {family.value_name(name)} = {num};")
+    retired = sorted((num, name) for name, num in numbers.items() if name not in names)
     for num, name in retired:
-        lines.append(f"  // retired: {enum_value_name(name)} = {num};")
+        lines.append(f"  // retired: {family.value_name(name)} = {num};")
     if retired:
         lines.append(f"  reserved {', '.join(str(num) for num, _ in retired)};")
     lines.append("}")
     rendered = "\n".join(lines) + "\n"
     return proto_text[: match.start(2)] + rendered + proto_text[match.end(2) :]
+
+
+def render_enums(proto_text: str) -> str:
+    """The proto text with the three registry-driven enums rendered."""
+    from service.engine.registry import MASKS, METHODS, SCORES
+
+    proto_text = render_enum(
+        proto_text, METHOD, [(m.name, m.description) for m in METHODS.members()]
+    )
+    proto_text = render_enum(proto_text, MASK, [(m.name, m.description) for m in MASKS.members()])
+    scores = [
+        (s.name, f"{s.description}; {'higher' if s.higher_is_better else 'lower'} is better")
+        for s in SCORES.members()
+    ]
+    return render_enum(proto_text, SCORE, scores)
 
 
 def _torchserve_proto(dest: Path) -> Path:
@@ -123,9 +156,7 @@ def _fix_imports(out: Path) -> None:
 
 def generate(proto_text: str, out: Path) -> str:
     """Render the enum, compile everything into ``out``; returns the rendered proto text."""
-    from service.engine.registry import method_names
-
-    rendered = render_method_enum(proto_text, method_names())
+    rendered = render_enums(proto_text)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         ours = root / "saliency" / "v1" / "saliency.proto"
@@ -153,7 +184,8 @@ def check() -> list[str]:
         out = Path(tmp) / "_proto"
         out.mkdir()
         rendered = generate(PROTO.read_text(), out)
-        problems = [] if rendered == PROTO.read_text() else [f"{PROTO}: Method enum is stale"]
+        stale = f"{PROTO}: the registry-driven enums are stale"
+        problems = [] if rendered == PROTO.read_text() else [stale]
         return problems + _diff(out, OUT)
 
 
@@ -172,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
     PROTO.write_text(generate(PROTO.read_text(), OUT))
-    print(f"wrote {OUT.relative_to(REPO)} and the Method enum of {PROTO.relative_to(REPO)}")
+    print(f"wrote {OUT.relative_to(REPO)} and the registry enums of {PROTO.relative_to(REPO)}")
     return 0
 
 

@@ -1,80 +1,120 @@
-"""The methods table of ``docs/methods.md``, rendered from the registry.
+"""``docs/methods.md``, rendered from the three registries and the modules' own docstrings.
 
 ``python -m service.engine.docs`` prints the page; ``--write`` updates the file. A test
-fails when the committed page differs from the registry.
+fails when the committed page differs: every fact on it (names, parameters, defaults,
+bounds, conventions) comes from the code that implements it.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
-from service.engine.registry import MethodSpec, list_methods
+from service.engine.registry import MASKS, METHODS, SCORES, Member
+from service.protocol.params import Param, format_value
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 
-HEADER = """# Explanation methods
+HEADER = """# Explanation methods, masks and scores
 
-Generated from the method registry (`service/engine/registry.py`) by
-`python -m service.engine.docs --write`; do not edit by hand.
+Generated from the registries (`service/engine/registry.py`) and the docstrings of the
+modules that implement them, by `python -m service.engine.docs --write`; do not edit by
+hand.
 
 Every method takes a batch of float32 images `(B, C, H, W)` in `[0, 1]` and one target class
 per image (default: the predicted class, never class 0), and returns float32 maps `(B, H, W)`
 at input resolution. `torch` methods need a differentiable model and only ever take
 gradients with respect to the input (or, for CAM, the target layer's activations); `onnx`
-methods run forward passes only.
-"""
-
-CONVENTIONS = """
-## Conventions
-
-- **Channel reduction.** `vanilla_gradient` and the SmoothGrad family take the maximum
-  over colour channels of a non-negative per-channel statistic (`|g|`, `|mean g|`,
-  `mean g^2`, `var g`). `gradient_x_input` and `integrated_gradients` *sum* over channels
-  and keep the sign, so a map sums to the total attribution.
-- **SmoothGrad noise.** `noise_level` is a fraction of the image's own pixel range:
-  `sigma = noise_level * (max(x) - min(x))` over all pixels and channels (Smilkov et al.
-  2017). The standard normal draws are one `(n_samples, C, H, W)` tensor from the request's
-  seeded generator, shared by the items of a batch, so a map depends on its image, target,
-  parameters and seed, and not on what the server batched it with. VarGrad is the
-  population variance.
-- **Integrated Gradients.** `integration` is `gauss_legendre`, `riemann_trapezoid`
-  (composite trapezoid, exact for linear models; Captum's variant is ours times
-  `(n-1)/n`), `riemann_middle`, `riemann_left` or `riemann_right`. `baseline` is `black`,
-  `blurred` (Gaussian, `blur_sigma` pixels) or `uniform` (one `U[0,1)` image per request).
-  `completeness_error = |sum(attr) - (f(x)_t - f(x')_t)|` comes from the same batched
-  passes as the path (the end points ride along with weight 0).
-- **CAM.** Grad-CAM and Grad-CAM++ use the model's target layer, are ReLU'd at the layer's
-  resolution and upsampled bilinearly (`align_corners=False`).
+methods run forward passes only. Parameters are set per request (`MethodRequest.params`,
+`MaskOptions.params`) as strings, parsed to their type and checked against their bounds.
 """
 
 
-def _params(spec: MethodSpec) -> str:
-    if not spec.defaults:
-        return "-"
-    return "<br>".join(f"`{k}={v!r}`" for k, v in spec.defaults.items())
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
-def _needs(spec: MethodSpec) -> str:
-    needs = ["gradients" if spec.needs_gradients else "forward only"]
-    if spec.needs_layer:
+def _rst_to_markdown(text: str) -> str:
+    text = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text)  # :func:`x` -> `x`
+    return text.replace("``", "`")
+
+
+def _needs(spec: Member) -> str:
+    needs = ["gradients" if getattr(spec, "needs_gradients", False) else "forward only"]
+    if getattr(spec, "needs_layer", False):
         needs.append("target layer")
     return ", ".join(needs)
 
 
+def _params_table(members: Iterable[Member], what: str) -> list[str]:
+    rows = [
+        f"| {what} | parameter | type | default | accepted | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for member in members:
+        for param in member.params:
+            rows.append(
+                f"| `{member.name}` | `{param.name}` | {param.kind} "
+                f"| `{format_value(param.default)}` | {_cell(_accepted(param))} "
+                f"| {_cell(param.doc)} |"
+            )
+    return rows
+
+
+def _accepted(param: Param) -> str:
+    if param.bounds_text():
+        return param.bounds_text()
+    return "any finite number" if param.kind in ("int", "float") else "any"
+
+
+def _paper(member: Member) -> str:
+    return f" [paper]({member.paper})" if member.paper else ""
+
+
+def _conventions(members: Iterable[Member]) -> list[str]:
+    """Each implementing module's docstring once, under its first line as a heading."""
+    out: list[str] = []
+    seen: set[str] = set()
+    for member in members:
+        module = sys.modules[member.fn.__module__]
+        if module.__name__ in seen or not module.__doc__:
+            continue
+        seen.add(module.__name__)
+        title, _, body = inspect.cleandoc(module.__doc__).partition("\n")
+        names = ", ".join(f"`{m.name}`" for m in members if m.fn.__module__ == module.__name__)
+        out += [f"### {_rst_to_markdown(title).rstrip('.')}", "", f"{names}.", ""]
+        if body.strip():
+            out += [_rst_to_markdown(body.strip()), ""]
+    return out
+
+
 def render() -> str:
     """The whole page as Markdown."""
-    rows = [
-        "| method | backend | needs | defaults | description |",
-        "|---|---|---|---|---|",
-    ]
-    for spec in list_methods():
-        description = spec.description.replace("|", "\\|")
-        rows.append(
-            f"| `{spec.name}` | {spec.backend} | {_needs(spec)} | {_params(spec)} "
-            f"| {description} [paper]({spec.paper}) |"
+    methods, masks, scores = METHODS.members(), MASKS.members(), SCORES.members()
+    lines = ["## Methods", "", "| method | backend | needs | description |", "|---|---|---|---|"]
+    for spec in methods:
+        lines.append(
+            f"| `{spec.name}` | {spec.backend} | {_needs(spec)} "
+            f"| {_cell(spec.description)}{_paper(spec)} |"
         )
-    return HEADER + "\n" + "\n".join(rows) + "\n" + CONVENTIONS
+    lines += ["", "### Method parameters", "", *_params_table(methods, "method"), ""]
+    lines += ["## Masks", "", "| mask | description |", "|---|---|"]
+    lines += [f"| `{m.name}` | {_cell(m.description)}{_paper(m)} |" for m in masks]
+    lines += ["", "### Mask parameters", "", *_params_table(masks, "mask"), ""]
+    lines += ["## Scores", "", "| score | better | description |", "|---|---|---|"]
+    lines += [
+        f"| `{s.name}` | {'higher' if s.higher_is_better else 'lower'} "
+        f"| {_cell(s.description)}{_paper(s)} |"
+        for s in scores
+    ]
+    lines += ["", "### Score parameters", "", *_params_table(scores, "score"), ""]
+    lines += ["## Conventions", "", "From the docstring of each module that implements them.", ""]
+    lines += _conventions([*methods, *masks, *scores])
+    return HEADER + "\n" + "\n".join(lines).rstrip() + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.errors import DeadlineExceededError, InvalidInputError, UnsupportedMethodError
 from service.engine.layers import find_last_spatial_layer, resolve_layer
-from service.engine.registry import MethodSpec, ParamValue, get_method
+from service.engine.modules import device_and_dtype, freeze
+from service.engine.registry import MethodSpec, ResolvedParams, get_method
 from service.engine.targets import TargetSpec, resolve_targets
 from service.engine.types import Attribution, ExplainContext, NumpyForward
+from service.protocol.errors import DeadlineExceededError, InvalidInputError, UnsupportedMethodError
 
 DEFAULT_CHUNK_SIZE = 32
 AUTO_LAYER = "auto"
@@ -66,18 +67,14 @@ class Engine:
         self.precision = precision
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
-        # An exported program's module() refuses eval(); it keeps its exported mode anyway.
-        with contextlib.suppress(NotImplementedError):
-            model.eval()
-        self.model = model.requires_grad_(False)
+        self.model = freeze(model)
         self.input_shape: tuple[int, int, int] = (
             int(input_shape[0]),
             int(input_shape[1]),
             int(input_shape[2]),
         )
         self.forward_numpy = forward_numpy
-        first = next(iter([*model.parameters(), *model.buffers()]), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device, _ = device_and_dtype(model)
         self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
         if target_layer == AUTO_LAYER:
             target_layer = find_last_spatial_layer(self.model, input_shape)
@@ -123,12 +120,24 @@ class Engine:
             raise UnsupportedMethodError(f"{method!r} needs a forward-only (ONNX) model")
         return spec
 
+    def resolve_params(
+        self, method: str, overrides: Mapping[str, object] | None = None
+    ) -> tuple[MethodSpec, ResolvedParams]:
+        """The method's spec and typed parameters, checked against this model's input size.
+
+        Everything that can be refused without running the model is refused here: unknown
+        or unsupported method, unknown parameter, bad value, and the method's own
+        cross-parameter and input-size checks.
+        """
+        spec = self.check_method(method)
+        return spec, spec.resolve_params(overrides, self.input_shape)
+
     def explain(
         self,
         inputs: torch.Tensor,
         targets: TargetSpec,
         method: str,
-        params: Mapping[str, ParamValue] | None = None,
+        params: Mapping[str, object] | None = None,
         *,
         seed: int = 0,
         deadline: float | None = None,
@@ -141,7 +150,9 @@ class Engine:
             targets: class per item (``None`` entries, or ``None`` for all: the predicted
                 class).
             method: a registered method name.
-            params: method parameters; missing ones take the registry defaults.
+            params: method parameters; missing ones take the registry defaults. Values
+                already resolved (a :class:`ResolvedParams` from :meth:`resolve_params`)
+                are only checked, not parsed again.
             seed: seeds the call's own generator; same seed, same result.
             deadline: ``time.monotonic()`` after which the work stops with
                 ``DeadlineExceededError``.
@@ -152,8 +163,7 @@ class Engine:
             The method's :class:`Attribution`, maps float32 ``(B, H, W)`` on the model's
             device.
         """
-        spec = self.check_method(method)
-        resolved = spec.resolve_params(params)
+        spec, resolved = self.resolve_params(method, params)
         inputs = self.validate_inputs(inputs)
         if deadline is not None and time.monotonic() > deadline:
             raise DeadlineExceededError("deadline passed before the explanation started")

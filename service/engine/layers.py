@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from service.engine.errors import InvalidInputError, UnsupportedMethodError
 from service.engine.layer_finder import find_cam_layer
+from service.protocol.errors import InvalidInputError, UnsupportedMethodError
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:

@@ -1,90 +1,216 @@
-"""The one registry of explanation methods (timm-style decorator registry).
+"""The three name families of the engine -- methods, masks, scores -- as decorator registries.
 
-Every consumer -- the proto enum check, the CLI choices, the docs table, the tests -- reads
-names, capabilities and defaults from here; nothing keeps its own list.
+Every consumer (the proto enums that ``make protos`` renders, the CLI choices, the docs,
+``GetModelInfo``, the tests) reads names, capabilities and parameters from here; nothing
+keeps its own list. A member's parameters are :class:`~service.protocol.params.Param`\\ s,
+and its function takes them as typed keyword-only arguments without defaults (the
+default is written once, in the ``Param``). Registration checks that convention, so a
+function and its declaration cannot drift apart.
+
+A registry imports its family's package (by name, on first lookup) to run the members'
+decorators: the packages import this module, never the other way round.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from service.engine.errors import InvalidInputError, UnknownMethodError
+from service.protocol.errors import InvalidInputError, UnknownMethodError, clip
 
-if TYPE_CHECKING:
-    from service.engine.types import MethodFn
+# Members declare their parameters with these; importable from here with the decorators.
+from service.protocol.params import Param as Param
+from service.protocol.params import ParamSet
+from service.protocol.params import ParamValue as ParamValue
+from service.protocol.params import ResolvedParams as ResolvedParams
 
-ParamValue = bool | int | float | str
 Backend = Literal["torch", "onnx"]
+InputShape = tuple[int, int, int]
+Validator = Callable[[ResolvedParams, InputShape | None], None]
+"""Cross-parameter and input-size checks, run before any batch work: ``(params, (C, H, W))``;
+the shape is ``None`` when unknown (those checks are skipped then)."""
+
+
+class Spec(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+SpecT = TypeVar("SpecT", bound=Spec)
+
+
+class Registry(Generic[SpecT]):
+    """Members of one family by name.
+
+    Args:
+        what: how messages name a member (``"explanation method"``).
+        package: the package whose import registers every member.
+        error: raised for an unknown name.
+    """
+
+    def __init__(
+        self, what: str, package: str, error: type[InvalidInputError] = InvalidInputError
+    ) -> None:
+        self.what = what
+        self.package = package
+        self.error = error
+        self._specs: dict[str, SpecT] = {}
+
+    def add(self, spec: SpecT) -> None:
+        if spec.name in self._specs:
+            raise ValueError(f"{self.what} {spec.name!r} registered twice")
+        self._specs[spec.name] = spec
+
+    def get(self, name: str) -> SpecT:
+        """The member named ``name``; ``error`` listing the known names otherwise."""
+        importlib.import_module(self.package)
+        try:
+            return self._specs[name]
+        except (KeyError, TypeError):
+            known = ", ".join(sorted(self._specs))
+            raise self.error(f"unknown {self.what} {clip(name)} (known: {known})") from None
+
+    def members(self) -> list[SpecT]:
+        """Every member, sorted by name."""
+        importlib.import_module(self.package)
+        return [self._specs[name] for name in sorted(self._specs)]
+
+    def names(self) -> list[str]:
+        return [spec.name for spec in self.members()]
+
+
+def check_signature(fn: Callable[..., Any], positional: int, params: ParamSet) -> None:
+    """``TypeError`` unless ``fn`` takes ``positional`` arguments, then exactly ``params``
+    as keyword-only arguments without defaults, each annotated with its parameter's type."""
+    signature = inspect.signature(fn, eval_str=True)
+    kinds = [p.kind for p in signature.parameters.values()]
+    leading = [
+        k
+        for k in kinds
+        if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    keyword = {
+        name: p
+        for name, p in signature.parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    problems = []
+    if len(leading) != positional or len(leading) + len(keyword) != len(kinds):
+        problems.append(f"takes {positional} positional arguments and no *args/**kwargs")
+    if list(keyword) != params.names():
+        problems.append(f"has keyword-only arguments {params.names()}, got {list(keyword)}")
+    for declared in params:
+        argument = keyword.get(declared.name)
+        if argument is not None and argument.default is not inspect.Parameter.empty:
+            problems.append(f"leaves the default of {declared.name!r} to its Param")
+        if argument is not None and argument.annotation is not declared.python_type:
+            problems.append(f"annotates {declared.name!r} as {declared.kind}")
+    if problems:
+        raise TypeError(f"{params.owner}: {fn.__qualname__} must " + "; ".join(problems))
 
 
 @dataclass(frozen=True)
-class MethodSpec:
-    """What the registry knows about one method.
+class Member:
+    """What every family's member has: name, function, parameters, docs, an optional check.
 
     Attributes:
         name: stable identifier used on the wire and in the CLI (``snake_case``).
-        fn: entry point ``fn(ctx, inputs, targets, **params) -> Attribution`` over a batch.
+        fn: the entry point; its signature is the family's (see the subclasses).
+        params: the only accepted parameters, with their defaults and bounds.
+        description: one line that ends with the paper reference.
+        paper: link to the paper.
+        validate: checks that involve several parameters or the input size.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    params: ParamSet
+    description: str
+    paper: str
+    validate: Validator | None
+
+    @property
+    def defaults(self) -> ResolvedParams:
+        return self.params.defaults
+
+    def resolve_params(
+        self,
+        overrides: Mapping[str, object] | None = None,
+        input_shape: InputShape | None = None,
+    ) -> ResolvedParams:
+        """Typed, bounded parameters: the defaults with ``overrides`` parsed on top, then
+        the member's own cross-parameter / input-size check. Already resolved parameters
+        are only checked, never parsed again."""
+        if isinstance(overrides, ResolvedParams):
+            if list(overrides) != self.params.names():
+                raise ValueError(f"parameters {list(overrides)} are not those of {self.name}")
+            params = overrides
+        else:
+            params = self.params.resolve(overrides)
+        if self.validate is not None:
+            self.validate(params, input_shape)
+        return params
+
+
+@dataclass(frozen=True)
+class MethodSpec(Member):
+    """An explanation method.
+
+    Attributes:
+        fn: ``fn(ctx, inputs, targets, *, <params>) -> Attribution`` over a batch
+            (see :data:`service.engine.types.MethodFn`).
         backend: ``"torch"`` (needs a differentiable module) or ``"onnx"`` (forward only).
         needs_gradients: calls ``backward`` on the input.
         needs_layer: needs a named spatial layer (CAM methods).
         batchable: items of a batch are computed together.
-        defaults: parameter names with their default values; the only accepted parameters.
-        description: one line, ends with the paper reference.
-        paper: link to the paper.
     """
 
-    name: str
-    fn: MethodFn
     backend: Backend
     needs_gradients: bool
     needs_layer: bool
     batchable: bool
-    defaults: Mapping[str, ParamValue]
-    description: str
-    paper: str
-    aliases: tuple[str, ...] = field(default=())
 
     @property
     def forward_only(self) -> bool:
         return not self.needs_gradients
 
-    def resolve_params(self, params: Mapping[str, ParamValue] | None) -> dict[str, ParamValue]:
-        """Defaults overridden by ``params``; unknown names and wrong types are rejected."""
-        resolved = dict(self.defaults)
-        for key, value in (params or {}).items():
-            if key not in self.defaults:
-                known = ", ".join(sorted(self.defaults)) or "none"
-                raise InvalidInputError(
-                    f"method {self.name!r} has no parameter {key!r} (known: {known})"
-                )
-            resolved[key] = _coerce(self.name, key, value, self.defaults[key])
-        return resolved
+
+@dataclass(frozen=True)
+class MaskSpec(Member):
+    """A mask: ``fn(image uint8 (H, W, 3), saliency (H, W), *, <params>)`` -> bool
+    ``(H, W)``, or ``None`` for no mask."""
 
 
-def _coerce(method: str, key: str, value: ParamValue, default: ParamValue) -> ParamValue:
-    kind = type(default)
-    try:
-        if kind is bool:
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1")
-            return bool(value)
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return kind(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(
-            f"parameter {key!r} of method {method!r} must be {kind.__name__}, got {value!r}"
-        ) from None
+@dataclass(frozen=True)
+class ScoreSpec(Member):
+    """A faithfulness score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64
+    ``(N,)``; ``higher_is_better`` says which way a faithful map moves it."""
+
+    higher_is_better: bool
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+METHODS: Registry[MethodSpec] = Registry(
+    "explanation method", "service.engine.methods", UnknownMethodError
+)
+MASKS: Registry[MaskSpec] = Registry("mask", "service.engine.masks")
+SCORES: Registry[ScoreSpec] = Registry("score", "service.engine.scores")
+_POSITIONAL = {MethodSpec: 3, MaskSpec: 2, ScoreSpec: 4}
+FnT = TypeVar("FnT", bound=Callable[..., Any])
+
+
+def _register(
+    registry: Registry[Any], cls: type[Member], name: str, params: tuple[Param, ...], **fields: Any
+) -> Callable[[FnT], FnT]:
+    def decorate(fn: FnT) -> FnT:
+        param_set = ParamSet(f"{registry.what} {name!r}", params)
+        check_signature(fn, _POSITIONAL[cls], param_set)
+        registry.add(cls(name=name, params=param_set, fn=fn, **fields))
+        return fn
+
+    return decorate
 
 
 def register_method(
@@ -94,54 +220,74 @@ def register_method(
     needs_gradients: bool,
     description: str,
     paper: str,
-    defaults: Mapping[str, ParamValue] | None = None,
+    params: tuple[Param, ...] = (),
     needs_layer: bool = False,
     batchable: bool = True,
-) -> Callable[[MethodFn], MethodFn]:
-    """Decorator that adds a method to the registry under ``name``."""
-
-    def decorate(fn: MethodFn) -> MethodFn:
-        if name in _REGISTRY:
-            raise ValueError(f"explanation method {name!r} registered twice")
-        _REGISTRY[name] = MethodSpec(
-            name=name,
-            fn=fn,
-            backend=backend,
-            needs_gradients=needs_gradients,
-            needs_layer=needs_layer,
-            batchable=batchable,
-            defaults=MappingProxyType(dict(defaults or {})),
-            description=description,
-            paper=paper,
-        )
-        return fn
-
-    return decorate
+    validate: Validator | None = None,
+) -> Callable[[FnT], FnT]:
+    """Decorator that adds an explanation method under ``name``."""
+    return _register(
+        METHODS,
+        MethodSpec,
+        name,
+        params,
+        backend=backend,
+        needs_gradients=needs_gradients,
+        needs_layer=needs_layer,
+        batchable=batchable,
+        description=description,
+        paper=paper,
+        validate=validate,
+    )
 
 
-def _load_builtin_methods() -> None:
-    # Importing the package runs every method module's decorator exactly once.
-    import service.engine.methods  # noqa: F401
+def register_mask(
+    name: str,
+    *,
+    description: str,
+    paper: str,
+    params: tuple[Param, ...] = (),
+    validate: Validator | None = None,
+) -> Callable[[FnT], FnT]:
+    """Decorator that adds a mask under ``name``."""
+    return _register(
+        MASKS, MaskSpec, name, params, description=description, paper=paper, validate=validate
+    )
+
+
+def register_score(
+    name: str,
+    *,
+    description: str,
+    paper: str,
+    higher_is_better: bool,
+    params: tuple[Param, ...] = (),
+) -> Callable[[FnT], FnT]:
+    """Decorator that adds a faithfulness score under ``name``."""
+    return _register(
+        SCORES,
+        ScoreSpec,
+        name,
+        params,
+        description=description,
+        paper=paper,
+        higher_is_better=higher_is_better,
+        validate=None,
+    )
 
 
 def get_method(name: str) -> MethodSpec:
-    """The spec registered under ``name``; raises ``UnknownMethodError`` with the known names."""
-    _load_builtin_methods()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise UnknownMethodError(f"unknown explanation method {name!r} (known: {known})") from None
+    """The method registered under ``name``; ``UnknownMethodError`` with the known names."""
+    return METHODS.get(name)
 
 
 def list_methods() -> list[MethodSpec]:
     """All registered methods, sorted by name."""
-    _load_builtin_methods()
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    return METHODS.members()
 
 
 def method_names() -> list[str]:
-    return [spec.name for spec in list_methods()]
+    return METHODS.names()
 
 
 def iter_methods(backend: Backend | None = None) -> Iterator[MethodSpec]:

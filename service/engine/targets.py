@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
 
-from service.engine.errors import InvalidInputError, TargetOutOfRangeError
+from service.protocol.errors import InvalidInputError, TargetOutOfRangeError
 
 TargetSpec = Sequence[int | None] | torch.Tensor | None
 """One entry per item: a class index, or ``None`` for the predicted class; ``None`` for all."""
+
+
+def check_target_range(targets: Iterable[int] | np.ndarray, num_classes: int) -> None:
+    """``TargetOutOfRangeError`` unless every target indexes one of ``num_classes`` classes.
+
+    The one range check: the pipeline runs it before any work, the engine on what a
+    library caller passes, the forward-only methods on every chunk's logits.
+    """
+    try:
+        values = np.asarray(targets, dtype=np.int64).reshape(-1)
+    except OverflowError:  # beyond int64: out of any model's range
+        raise TargetOutOfRangeError(
+            f"a target class is out of range: the model has {num_classes} classes "
+            f"(0..{num_classes - 1})"
+        ) from None
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise TargetOutOfRangeError(
+            f"target class {int(bad[0])} is out of range: the model has {num_classes} "
+            f"classes (0..{num_classes - 1})"
+        )
 
 
 def resolve_targets(logits: torch.Tensor, requested: TargetSpec = None) -> torch.Tensor:
@@ -55,10 +77,7 @@ def resolve_targets(logits: torch.Tensor, requested: TargetSpec = None) -> torch
             index = operator.index(target)  # int and numpy integers, not floats
         except TypeError:
             raise InvalidInputError(f"target {i} must be an int or None, got {target!r}") from None
-        if not 0 <= index < num_classes:
-            raise TargetOutOfRangeError(
-                f"target class {index} out of range: valid classes are 0..{num_classes - 1}"
-            )
+        check_target_range([index], num_classes)
         out[i] = index
     return out
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.engine.errors import CancelledError, DeadlineExceededError
+from service.protocol.errors import CancelledError, DeadlineExceededError
 
 NumpyForward = Callable[[np.ndarray], np.ndarray]
 """Forward-only model: float32 ``(N, C, H, W)`` pixels in ``[0, 1]`` -> ``(N, classes)`` logits."""
@@ -61,8 +61,9 @@ class Attribution:
 
 
 MethodFn = Callable[..., Attribution]
-"""``fn(ctx, inputs, targets, **params) -> Attribution``.
+"""``fn(ctx, inputs, targets, *, <params>) -> Attribution``.
 
-Typed loosely on purpose: each method declares its own keyword parameters (``n_steps: int``),
-which a ``Protocol`` with ``**params: object`` would reject under mypy.
+Each method takes its registered parameters as typed keyword-only arguments without
+defaults (``n_steps: int``); the registry checks that at registration. Typed loosely on
+purpose: a ``Protocol`` cannot spell "some keyword arguments" for every method at once.
 """

@@ -11,10 +11,9 @@ from typing import Any
 
 import grpc
 
-from service.engine.errors import EngineError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import UpstreamError
-from service.serving.status import code_name
+from service.protocol.errors import EngineError, code_name, message_of
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +21,9 @@ logger = logging.getLogger(__name__)
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for an exception."""
     if isinstance(exc, UpstreamError):
-        return exc.code, str(exc)
+        return exc.code, message_of(exc)
     if isinstance(exc, EngineError):
-        return getattr(grpc.StatusCode, code_name(exc)), str(exc)
+        return getattr(grpc.StatusCode, code_name(exc)), message_of(exc)
     logger.exception("unexpected error", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal error (see server logs)"
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +19,7 @@ from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ExplainServicer
 from service.gateway.upstream import TorchServeClient
-from service.serving.limits import Limits
+from service.protocol.limits import GATEWAY_RECEIVE_BYTES, MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name
@@ -46,7 +44,7 @@ class GatewayConfig:
     metrics_port: int = 9464
     upstream: str = "127.0.0.1:7070"
     models: tuple[str, ...] = ("shapes",)
-    max_message_bytes: int = Limits().max_image_bytes + 1024 * 1024
+    max_message_bytes: int = GATEWAY_RECEIVE_BYTES
     health_interval_s: float = 2.0
 
 
@@ -63,7 +61,7 @@ class Gateway:
             interceptors=[ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label)],
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
         self.port = 0
@@ -118,7 +116,8 @@ class Gateway:
         await self.server.stop(grace)
         await self.upstream.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.shutdown()  # stops serving; the socket stays bound until
+            self._metrics_server.server_close()  # closed here, not when it is collected
 
 
 async def start_gateway(config: GatewayConfig) -> Gateway:
@@ -132,24 +131,6 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         config.upstream,
     )
     return gateway
-
-
-@contextlib.contextmanager
-def gateway_in_thread(config: GatewayConfig) -> Iterator[Gateway]:
-    """A started gateway on its own asyncio loop in a daemon thread (tests, benchmarks)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
-    thread.start()
-    try:
-        # grpc.aio objects belong to the loop they are made on: make them on this one.
-        gateway = asyncio.run_coroutine_threadsafe(start_gateway(config), loop).result(60)
-        try:
-            yield gateway
-        finally:
-            asyncio.run_coroutine_threadsafe(gateway.stop(grace=1), loop).result(30)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 async def run_gateway(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:

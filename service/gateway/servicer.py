@@ -9,9 +9,10 @@ import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.engine.errors import InvalidInputError
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import TorchServeClient, raise_payload_error
+from service.protocol.errors import InvalidInputError, clip
+from service.protocol.names import METHODS
 
 REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
 
@@ -37,7 +38,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         name = request.model or self.models[0]
         if name not in self.models:
             raise InvalidInputError(
-                f"unknown model {request.model!r}: this server serves {', '.join(self.models)}"
+                f"unknown model {clip(request.model)}: this server serves {', '.join(self.models)}"
             )
         return name
 
@@ -110,7 +111,8 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             if timing.stage == "total":
                 handler_total = timing.seconds
         for explanation in explanations:
-            name = pb.Method.Name(explanation.method).removeprefix("METHOD_").lower()
-            stage.labels("explain", name, model).observe(explanation.seconds)
+            stage.labels("explain", METHODS.label(explanation.method), model).observe(
+                explanation.seconds
+            )
         # Time outside the handler: transport, TorchServe queueing and batching delay.
         stage.labels("upstream", "all", model).observe(max(upstream_seconds - handler_total, 0.0))

@@ -13,10 +13,11 @@ from google.protobuf import empty_pb2
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.torchserve import inference_pb2 as ts_pb
 from service._proto.torchserve import inference_pb2_grpc as ts_grpc
+from service.protocol.errors import error_from_code
+from service.protocol.limits import MAX_MESSAGE_BYTES
 from service.serving.cancel import CancelBoard
 
-# Above the gateway's own receive limit so that TorchServe is never the one to refuse.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+__all__ = ["MAX_MESSAGE_BYTES", "TorchServeClient", "UpstreamError", "raise_payload_error"]
 
 
 class UpstreamError(Exception):
@@ -111,6 +112,4 @@ def _upstream_error(exc: grpc.aio.AioRpcError, model: str) -> UpstreamError:
 def raise_payload_error(error: pb.Error) -> None:
     """Turn an ``error`` field of a reply into the domain exception it stands for."""
     if error.code:
-        from service.serving.status import error_from_code
-
         raise error_from_code(error.code, error.message)

@@ -1,4 +1,7 @@
-"""Bytes in, bytes out: image decoding under limits, map and mask encoding (and decoding)."""
+"""Bytes in, bytes out: image decoding under limits, map and mask encoding.
+
+The inverse of the encoding (for clients) is :mod:`service.client.decode`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.errors import InvalidInputError, ResourceLimitError
-from service.serving.limits import Limits
+from service.protocol.errors import InvalidInputError, ResourceLimitError
+from service.protocol.limits import Limits
+from service.protocol.names import MAP_ENCODINGS, MASKS
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
@@ -109,27 +113,32 @@ def resize_map(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(saliency.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def encode_map(saliency: np.ndarray, encoding: pb.MapEncoding.ValueType) -> pb.SaliencyMap:
-    """A float ``(H, W)`` map as 8-bit PNG with its range (default) or raw float16."""
+def encode_map(saliency: np.ndarray, encoding: str = "png8") -> pb.SaliencyMap:
+    """A float ``(H, W)`` map as 8-bit PNG with its range (``png8``) or raw ``float16``."""
     height, width = saliency.shape
     lo, hi = float(saliency.min()), float(saliency.max())
-    if encoding == pb.MAP_ENCODING_FLOAT16:
+    if encoding == "float16":
         data = saliency.astype("<f2").tobytes()
     else:
-        encoding = pb.MAP_ENCODING_PNG8
+        encoding = "png8"
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         quantised = np.round((saliency - lo) * scale).astype(np.uint8)
         data = _png(quantised, [cv2.IMWRITE_PNG_COMPRESSION, 6])
     return pb.SaliencyMap(
-        width=width, height=height, encoding=encoding, data=data, value_min=lo, value_max=hi
+        width=width,
+        height=height,
+        encoding=MAP_ENCODINGS.number(encoding),  # type: ignore[arg-type]
+        data=data,
+        value_min=lo,
+        value_max=hi,
     )
 
 
-def encode_mask(mask: np.ndarray, kind: pb.MaskKind.ValueType) -> pb.Mask:
-    """A boolean ``(H, W)`` mask as a 1-bit PNG."""
+def encode_mask(mask: np.ndarray, kind: str) -> pb.Mask:
+    """A boolean ``(H, W)`` mask made by the mask ``kind``, as a 1-bit PNG."""
     height, width = mask.shape
     data = _png(mask.astype(np.uint8) * 255, [cv2.IMWRITE_PNG_BILEVEL, 1])
-    return pb.Mask(width=width, height=height, kind=kind, png=data)
+    return pb.Mask(width=width, height=height, kind=MASKS.number(kind), png=data)  # type: ignore[arg-type]
 
 
 def _png(array: np.ndarray, params: list[int]) -> bytes:
@@ -137,25 +146,3 @@ def _png(array: np.ndarray, params: list[int]) -> bytes:
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return buffer.tobytes()
-
-
-def decode_map(saliency: pb.SaliencyMap) -> np.ndarray:
-    """float32 ``(H, W)`` values of an encoded map (the inverse of ``encode_map``)."""
-    shape = (saliency.height, saliency.width)
-    if saliency.encoding == pb.MAP_ENCODING_FLOAT16:
-        return np.frombuffer(saliency.data, dtype="<f2").reshape(shape).astype(np.float32)
-    pixels = _imdecode(saliency.data)
-    span = saliency.value_max - saliency.value_min
-    return (saliency.value_min + pixels.astype(np.float32) / 255.0 * span).astype(np.float32)
-
-
-def decode_mask(mask: pb.Mask) -> np.ndarray:
-    """bool ``(H, W)`` of an encoded mask."""
-    return np.asarray(_imdecode(mask.png) > 127)
-
-
-def _imdecode(data: bytes) -> np.ndarray:
-    pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if pixels is None:
-        raise ValueError("not a PNG")
-    return np.asarray(pixels)

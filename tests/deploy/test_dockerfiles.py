@@ -68,7 +68,9 @@ def constraint_pin(package: str) -> str:
 
 
 def pyproject_pin(package: str) -> str:
-    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    # The image installs the base dependencies and the `server` extra.
+    deps = [*project["dependencies"], *project["optional-dependencies"]["server"]]
     for dep in deps:
         if m := re.match(rf"^{re.escape(package)}==([\w.]+)$", dep):
             return m.group(1)
@@ -98,7 +100,7 @@ def test_install_matches_the_makefile(dockerfile: Path) -> None:
     env = " ".join(build.all("ENV"))
     assert "python3.11 -m venv /opt/venv" in runs
     assert "PIP_CONSTRAINT=/src/constraints.txt" in env
-    assert "pip install --no-cache-dir ." in runs
+    assert "pip install --no-cache-dir './[server]'" in runs  # the Makefile's extras, less dev
     args = dict(a.split("=", 1) for a in build.all("ARG") if "=" in a)
     assert args["TORCH_VERSION"] == constraint_pin("torch")
     assert '"torch==${TORCH_VERSION}"' in runs

@@ -120,6 +120,6 @@ def test_method_output_shape_is_checked(
 
     spec = registry.get_method("vanilla_gradient")
     broken = type(spec)(**{**spec.__dict__, "fn": lambda ctx, x, t: Attribution(x[:, 0, :4])})
-    monkeypatch.setitem(registry._REGISTRY, "vanilla_gradient", broken)
+    monkeypatch.setitem(registry.METHODS._specs, "vanilla_gradient", broken)
     with pytest.raises(RuntimeError, match="shape"):
         tiny_engine.explain(images(1), [1], "vanilla_gradient")

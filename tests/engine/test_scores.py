@@ -14,7 +14,6 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.errors import DeadlineExceededError, InvalidInputError
 from service.engine.scores import (
     SCORE_NAMES,
-    FaithfulnessScores,
     compute_scores,
     deletion_insertion_auc,
     mu_fidelity,
@@ -175,9 +174,10 @@ def test_compute_scores_returns_exactly_the_requested_names(
         compute_scores(forward, images, perfect, targets, ["pointing_game"])
 
 
-def test_faithfulness_scores_use_wire_names() -> None:
-    scores = FaithfulnessScores(deletion_auc=np.zeros(1), mu_fidelity=np.ones(1))
-    assert list(scores.as_dict()) == ["deletion_auc", "mu_fidelity"]
+def test_scores_use_wire_names(forward: OnnxForward, case: tuple[np.ndarray, ...]) -> None:
+    images, perfect, _, targets = case
+    scores = compute_scores(forward, images, perfect, targets, ["mu_fidelity", "deletion_auc"])
+    assert list(scores) == ["mu_fidelity", "deletion_auc"]
     # The wire's Score enum (less its unset value) is the list of names, not a copy here.
     wire = {name.removeprefix("SCORE_").lower() for name in pb.Score.keys()[1:]}
     assert set(SCORE_NAMES) == wire

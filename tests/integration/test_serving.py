@@ -16,8 +16,8 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.client import SaliencyClient, decode_map, decode_mask
 from service.engine.registry import method_names
+from service.protocol.names import METHODS
 from service.runtime.onnx_forward import cpu_quota
-from service.serving.pipeline import method_enum
 
 pytestmark = pytest.mark.integration
 SEVERAL = ["vanilla_gradient", "grad_cam", "integrated_gradients", "smoothgrad"]
@@ -34,7 +34,7 @@ def test_explain_several_methods_in_one_call(client: SaliencyClient, samples) ->
     data, label, truth = samples[0]
     reply = client.explain(data, methods=SEVERAL, top_k=1, mask="grabcut")
     assert reply.predictions[0].index == label
-    assert [e.method for e in reply.explanations] == [method_enum(m) for m in SEVERAL]
+    assert [e.method for e in reply.explanations] == [METHODS.number(m) for m in SEVERAL]
     for item in reply.explanations:
         saliency = decode_map(item.map)
         assert saliency.shape == truth.shape
@@ -143,20 +143,20 @@ def test_deadline_exceeded_then_served_at_once(client: SaliencyClient, samples) 
 def test_concurrent_requests_batch_and_match_solo_answers(client: SaliencyClient, samples) -> None:  # type: ignore[no-untyped-def]
     methods = ["vanilla_gradient", "grad_cam", "smoothgrad"]
     work = [(samples[i % len(samples)][0], [methods[i % 3]], i % 2 + 1) for i in range(12)]
-    # Raw float16 maps: in an 8-bit PNG, float32 values an ulp apart (a batch of another
-    # size may round differently) can land on two sides of a quantisation level.
-    options = {"seed": 3, "map_encoding": "float16"}
     with ThreadPoolExecutor(8) as pool:
         together = list(
-            pool.map(lambda w: client.explain(w[0], methods=w[1], top_k=w[2], **options), work)
+            pool.map(lambda w: client.explain(w[0], methods=w[1], top_k=w[2], seed=3), work)
         )
     for (data, method, top_k), reply in list(zip(work, together, strict=True))[:4]:
-        alone = client.explain(data, methods=method, top_k=top_k, **options)
+        alone = client.explain(data, methods=method, top_k=top_k, seed=3)
         for a, b in zip(alone.explanations, reply.explanations, strict=True):
-            want = decode_map(a.map)
-            # Adjacent float16 values are at most 2^-10 apart (relative), 2^-24 subnormal.
-            atol = max(1e-6 * float(np.abs(want).max()), 2.0**-24)
-            np.testing.assert_allclose(decode_map(b.map), want, rtol=2.0**-10, atol=atol)
+            # 8-bit PNG maps: batching changes float rounding at the last bits, which moves a
+            # value on a bin edge by one step (1 pixel in 16384 seen); a mixed-up row would
+            # be off by far more.
+            step = (a.map.value_max - a.map.value_min) / 255
+            np.testing.assert_allclose(
+                decode_map(a.map), decode_map(b.map), rtol=1e-4, atol=1.01 * step
+            )
 
 
 def test_health_and_reflection(channel: grpc.Channel) -> None:

@@ -7,9 +7,10 @@ import pytest
 from PIL import Image, ImageFile
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.errors import InvalidInputError, ResourceLimitError
+from service.client.decode import decode_map, decode_mask
+from service.protocol.errors import InvalidInputError, ResourceLimitError
+from service.protocol.limits import Limits
 from service.serving import codec
-from service.serving.limits import Limits
 
 LIMITS = Limits()
 
@@ -125,38 +126,38 @@ def test_bad_tensors_are_invalid_argument(image: pb.Image, message: str) -> None
 def test_png8_map_round_trips_within_one_level() -> None:
     rng = np.random.default_rng(2)
     saliency = rng.normal(size=(40, 50)).astype(np.float32)
-    encoded_map = codec.encode_map(saliency, pb.MAP_ENCODING_UNSPECIFIED)
+    encoded_map = codec.encode_map(saliency, "png8")
     assert encoded_map.encoding == pb.MAP_ENCODING_PNG8
     span = saliency.max() - saliency.min()
-    np.testing.assert_allclose(codec.decode_map(encoded_map), saliency, atol=span / 255 / 2 + 1e-5)
+    np.testing.assert_allclose(decode_map(encoded_map), saliency, atol=span / 255 / 2 + 1e-5)
 
 
 def test_float16_map_round_trips() -> None:
     saliency = np.linspace(-3, 3, 12, dtype=np.float32).reshape(3, 4)
-    encoded_map = codec.encode_map(saliency, pb.MAP_ENCODING_FLOAT16)
+    encoded_map = codec.encode_map(saliency, "float16")
     assert len(encoded_map.data) == 12 * 2
-    np.testing.assert_allclose(codec.decode_map(encoded_map), saliency, rtol=1e-3)
+    np.testing.assert_allclose(decode_map(encoded_map), saliency, rtol=1e-3)
 
 
 def test_constant_map_encodes() -> None:
-    encoded_map = codec.encode_map(np.full((4, 4), 0.5, np.float32), pb.MAP_ENCODING_PNG8)
-    np.testing.assert_allclose(codec.decode_map(encoded_map), 0.5)
+    encoded_map = codec.encode_map(np.full((4, 4), 0.5, np.float32), "png8")
+    np.testing.assert_allclose(decode_map(encoded_map), 0.5)
 
 
 def test_mask_is_one_bit_png_and_round_trips() -> None:
     rng = np.random.default_rng(3)
     mask = rng.random((33, 47)) > 0.7
-    encoded_mask = codec.encode_mask(mask, pb.MASK_KIND_THRESHOLD)
+    encoded_mask = codec.encode_mask(mask, "threshold")
     assert Image.open(io.BytesIO(encoded_mask.png)).mode == "1"
-    np.testing.assert_array_equal(codec.decode_mask(encoded_mask), mask)
+    np.testing.assert_array_equal(decode_mask(encoded_mask), mask)
 
 
 def test_224_map_and_mask_fit_in_80_kb_even_for_noise() -> None:
     # Worst case for PNG: an incompressible (uniform noise) map and a noisy mask.
     rng = np.random.default_rng(4)
     saliency = rng.random((224, 224)).astype(np.float32)
-    size = len(codec.encode_map(saliency, pb.MAP_ENCODING_PNG8).data)
-    size += len(codec.encode_mask(saliency > 0.95, pb.MASK_KIND_THRESHOLD).png)
+    size = len(codec.encode_map(saliency, "png8").data)
+    size += len(codec.encode_mask(saliency > 0.95, "threshold").png)
     assert size <= 80_000
 
 

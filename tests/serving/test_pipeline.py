@@ -10,10 +10,12 @@ import torch
 from PIL import Image
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.decode import decode_map, decode_mask
 from service.engine.registry import list_methods
 from service.engine.scores import compute_scores
+from service.protocol.names import METHODS
 from service.serving import codec
-from service.serving.pipeline import Explainer, method_enum
+from service.serving.pipeline import Explainer
 from tests.serving.conftest import LABELS, SIZE
 from tests.serving.tiny_net import TinyNet
 
@@ -30,7 +32,7 @@ def png(array: np.ndarray = PICTURE) -> bytes:
 
 def request(*methods: str, **fields: object) -> pb.ExplainRequest:
     req = pb.ExplainRequest(image=pb.Image(encoded=png()), **fields)  # type: ignore[arg-type]
-    req.methods.extend(pb.MethodRequest(method=method_enum(m)) for m in methods)
+    req.methods.extend(pb.MethodRequest(method=METHODS.number(m)) for m in methods)
     return req
 
 
@@ -54,7 +56,7 @@ def test_explain_returns_maps_masks_and_boxes_at_image_resolution(explainer: Exp
     for item in reply.explanations:
         assert (item.map.height, item.map.width) == (50, 40)
         assert (item.mask.height, item.mask.width) == (50, 40)
-        mask = codec.decode_mask(item.mask)
+        mask = decode_mask(item.mask)
         assert 0 < mask.sum() <= 0.1 * mask.size  # 95th percentile mask
         assert item.HasField("box")
         assert item.box.x_max < 40 and item.box.y_max < 50
@@ -72,7 +74,7 @@ def test_integrated_gradients_reports_its_completeness_error(
     """
     req = request()
     req.methods.append(
-        pb.MethodRequest(method=method_enum("integrated_gradients"), params={"n_steps": "8"})
+        pb.MethodRequest(method=METHODS.number("integrated_gradients"), params={"n_steps": "8"})
     )
     [reply] = explainer.explain_batch([req])
     [item] = reply.explanations
@@ -122,7 +124,7 @@ def _check_no_relu_input_near_zero(net: TinyNet, points: torch.Tensor) -> None:
 def test_explicit_targets_and_params(explainer: Explainer) -> None:
     req = request(target_classes=[3, 1])
     req.methods.append(
-        pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "4"})
+        pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"n_samples": "4"})
     )
     [reply] = explainer.explain_batch([req])
     assert [e.target for e in reply.explanations] == [3, 1]
@@ -142,14 +144,14 @@ def test_explicit_targets_and_params(explainer: Explainer) -> None:
         (lambda r: r.methods.append(pb.MethodRequest()), "INVALID_ARGUMENT", "unset"),
         (
             lambda r: r.methods.append(
-                pb.MethodRequest(method=method_enum("smoothgrad"), params={"bogus": "1"})
+                pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"bogus": "1"})
             ),
             "INVALID_ARGUMENT",
             "bogus",
         ),
         (
             lambda r: r.methods.append(
-                pb.MethodRequest(method=method_enum("smoothgrad"), params={"n_samples": "many"})
+                pb.MethodRequest(method=METHODS.number("smoothgrad"), params={"n_samples": "many"})
             ),
             "INVALID_ARGUMENT",
             "n_samples",
@@ -197,12 +199,12 @@ def test_a_request_gets_the_same_answer_alone_or_batched(explainer: Explainer, m
     [alone] = explainer.explain_batch([mine])
     batched = explainer.explain_batch([*others, mine])[-1]
     assert alone.explanations[0].map.encoding == pb.MAP_ENCODING_FLOAT16
-    want = codec.decode_map(alone.explanations[0].map)
+    want = decode_map(alone.explanations[0].map)
     # Values within float32 rounding of each other round to the same or to adjacent float16
     # values: at most 2^-10 apart relative, 2^-24 in the subnormal range.
     atol = max(1e-6 * float(np.abs(want).max()), 2.0**-24)
     np.testing.assert_allclose(
-        codec.decode_map(batched.explanations[0].map), want, rtol=2.0**-10, atol=atol
+        decode_map(batched.explanations[0].map), want, rtol=2.0**-10, atol=atol
     )
 
 

@@ -4,6 +4,9 @@ Activations are captured per call by a forward hook that only records the callin
 thread's forwards (see :mod:`service.engine.layers`), and gradients are taken with
 ``torch.autograd.grad`` with respect to those activations, so concurrent calls on the same
 layer neither see each other's tensors nor need a lock. The hook is removed on every path.
+
+Both maps are ReLU'd at the layer's resolution, then upsampled bilinearly to the input
+size (``align_corners=False``, as Captum's ``LayerAttribution.interpolate``).
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from service.engine.errors import UnsupportedMethodError
 from service.engine.layers import capture_activations
 from service.engine.methods.gradient import require_model, row_chunks, target_logits
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.errors import UnsupportedMethodError
 
 SELVARAJU_2017 = "https://arxiv.org/abs/1610.02391"
 CHATTOPADHAY_2018 = "https://arxiv.org/abs/1710.11063"

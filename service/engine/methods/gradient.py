@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from service.engine.errors import InvalidInputError, UnsupportedMethodError
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.errors import UnsupportedMethodError
 
 SIMONYAN_2013 = "https://arxiv.org/abs/1312.6034"
 
@@ -80,13 +80,6 @@ def batch_gradients(
     for part in row_chunks(ctx, inputs.shape[0]):
         out[part], _ = target_gradients(model, inputs[part], targets[part])
     return out
-
-
-def check_positive(name: str, value: float, *, upper: float | None = None) -> None:
-    """``InvalidInputError`` unless ``0 < value <= upper``."""
-    if not value > 0 or (upper is not None and value > upper):
-        bound = f" and at most {upper:g}" if upper is not None else ""
-        raise InvalidInputError(f"{name} must be positive{bound}, got {value!r}")
 
 
 @register_method(

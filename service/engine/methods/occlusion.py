@@ -17,13 +17,29 @@ import numpy as np
 import torch
 
 from service.engine import perturb
-from service.engine.errors import InvalidInputError
-from service.engine.registry import ParamValue, register_method
+from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.errors import InvalidInputError
 
-# Grey, as Zeiler & Fergus occluded: on the default model a black window (0.0) scored
-# 0.875 on the pointing game against 0.94 for grey (bench/quality.py).
-DEFAULTS: dict[str, ParamValue] = {"window": 16, "stride": 8, "baseline": 0.5}
+PARAMS = (
+    Param("window", "int", 16, "side of the square window, in pixels", minimum=1),
+    Param("stride", "int", 8, "step between windows, in pixels (at most the window)", minimum=1),
+    # Grey, as Zeiler & Fergus occluded: on the default model a black window (0.0) scored
+    # 0.875 on the pointing game against 0.94 for grey (bench/quality.py).
+    Param("baseline", "float", 0.5, "value written into the window"),
+)
+
+
+def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
+    window, stride = int(params["window"]), int(params["stride"])
+    if stride > window:
+        # Captum refuses this too: pixels between windows would have no attribution.
+        raise InvalidInputError(f"occlusion stride {stride} must not exceed window {window}")
+    if input_shape is not None and window > min(input_shape[1:]):
+        height, width = input_shape[1:]
+        raise InvalidInputError(
+            f"occlusion window {window} is larger than the model's {height}x{width} input"
+        )
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -36,13 +52,20 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     "occlusion",
     backend="onnx",
     needs_gradients=False,
-    defaults=DEFAULTS,
+    params=PARAMS,
+    validate=_validate,
     description="Drop of the target logit when a sliding square window is set to a baseline "
     "(Zeiler & Fergus 2014)",
     paper="https://arxiv.org/abs/1311.2901",
 )
 def occlusion(
-    ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor, /, **params: object
+    ctx: ExplainContext,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    window: int,
+    stride: int,
+    baseline: float,
 ) -> Attribution:
     """Occlusion maps over a batch, forwards batched by ``ctx.chunk_size``.
 
@@ -50,8 +73,8 @@ def occlusion(
         ctx: request context; only ``forward_numpy``, ``chunk_size`` and the deadline are used.
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per image.
-        **params: ``window`` (side of the square window, px), ``stride`` (px, at most
-            ``window``), ``baseline`` (value written into the window).
+        window, stride, baseline: see ``PARAMS`` (checked before the call: stride at
+            most the window, window at most the image).
 
     Returns:
         ``Attribution`` with float32 ``(B, H, W)`` maps: mean drop of the target logit over
@@ -61,17 +84,9 @@ def occlusion(
         DeadlineExceededError: the deadline passed between chunks; no map is returned.
     """
     forward = perturb.require_forward(ctx, "occlusion")
-    window = perturb.positive("window", perturb.int_param(params, DEFAULTS, "window"))
-    stride = perturb.positive("stride", perturb.int_param(params, DEFAULTS, "stride"))
-    baseline = perturb.float_param(params, DEFAULTS, "baseline")
     images = perturb.images_numpy(inputs)
     batch, _, height, width = images.shape
     tgt = perturb.targets_numpy(targets, batch)
-    if window > min(height, width):
-        raise InvalidInputError(f"window {window} is larger than the {height}x{width} image")
-    if stride > window:
-        # Captum refuses this too: pixels between windows would have no attribution.
-        raise InvalidInputError(f"stride {stride} must not exceed window {window}")
     if batch == 0:
         return Attribution(maps=torch.zeros((0, height, width)))
 
@@ -88,7 +103,6 @@ def occlusion(
     base = np.empty(batch, dtype=np.float64)
     for start, stop in perturb.chunks(batch, ctx.chunk_size, check):
         logits = forward(images[start:stop])
-        perturb.check_targets(tgt[start:stop], logits.shape[1])
         base[start:stop] = perturb.pick(logits, tgt[start:stop])
 
     def build(start: int, stop: int, out: np.ndarray) -> None:

@@ -15,20 +15,47 @@ import numpy as np
 import torch
 
 from service.engine import perturb
-from service.engine.errors import InvalidInputError
-from service.engine.registry import ParamValue, register_method
+from service.engine.ops import box_blur, softmax
+from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.errors import InvalidInputError
 
-# Masked-out pixels are black as in the paper ("zero"); "blur" is offered because it helps
-# Sobol and occlusion on some models, but on the default model it did not help RISE
-# (pointing game 0.31 blurred vs 0.63 black, 4000 masks, 16 images).
-DEFAULTS: dict[str, ParamValue] = {
-    "n_masks": 1024,
-    "grid_size": 8,
-    "p_keep": 0.5,
-    "substrate": "zero",
-}
 SUBSTRATES = ("blur", "zero")
+PARAMS = (
+    # The masks are drawn up front (n_masks x grid x grid): the bound keeps that small.
+    Param("n_masks", "int", 1024, "Monte-Carlo samples (random masks)", minimum=1, maximum=8192),
+    Param("grid_size", "int", 8, "cells per side of the random grid", minimum=1, maximum=64),
+    Param(
+        "p_keep",
+        "float",
+        0.5,
+        "probability that a cell is kept",
+        minimum=0.0,
+        maximum=1.0,
+        minimum_exclusive=True,
+    ),
+    # Masked-out pixels are black as in the paper ("zero"); "blur" is offered because it
+    # helps Sobol and occlusion on some models, but on the default model it did not help
+    # RISE (pointing game 0.31 blurred vs 0.63 black, 4000 masks, 16 images).
+    Param(
+        "substrate",
+        "str",
+        "zero",
+        "what masked-out pixels become: zero (black, the paper) or blur (10x10 box blur)",
+        choices=SUBSTRATES,
+    ),
+)
+
+
+def check_grid(grid_size: int, input_shape: InputShape | None) -> None:
+    """``InvalidInputError`` when the grid has more cells per side than the input pixels."""
+    if input_shape is not None and grid_size > min(input_shape[1:]):
+        height, width = input_shape[1:]
+        raise InvalidInputError(f"grid_size {grid_size} exceeds the model's {height}x{width} input")
+
+
+def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
+    check_grid(int(params["grid_size"]), input_shape)
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -87,13 +114,21 @@ class RiseMasks:
     "rise",
     backend="onnx",
     needs_gradients=False,
-    defaults=DEFAULTS,
+    params=PARAMS,
+    validate=_validate,
     description="Average of random smooth masks weighted by the target probability "
     "(Petsiuk et al. 2018)",
     paper="https://arxiv.org/abs/1806.07421",
 )
 def rise(
-    ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor, /, **params: object
+    ctx: ExplainContext,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    n_masks: int,
+    grid_size: int,
+    p_keep: float,
+    substrate: str,
 ) -> Attribution:
     """RISE maps over a batch; every image sees the same masks (one draw per request).
 
@@ -101,10 +136,7 @@ def rise(
         ctx: request context; ``forward_numpy``, ``generator``, ``chunk_size``, deadline.
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per image.
-        **params: ``n_masks`` (Monte-Carlo samples), ``grid_size`` (cells per side of the
-            random grid), ``p_keep`` (probability that a cell is kept), ``substrate``
-            (what masked-out pixels become: ``"zero"``, black as in the paper, or
-            ``"blur"``, a 10x10 box blur of the image).
+        n_masks, grid_size, p_keep, substrate: see ``PARAMS``.
 
     Returns:
         ``Attribution`` with float32 ``(B, H, W)`` maps in probability units. Costs
@@ -114,25 +146,15 @@ def rise(
         DeadlineExceededError: the deadline passed between chunks; no map is returned.
     """
     forward = perturb.require_forward(ctx, "rise")
-    n_masks = perturb.positive("n_masks", perturb.int_param(params, DEFAULTS, "n_masks"))
-    grid_size = perturb.positive("grid_size", perturb.int_param(params, DEFAULTS, "grid_size"))
-    p_keep = perturb.float_param(params, DEFAULTS, "p_keep")
-    if not 0.0 < p_keep <= 1.0:
-        raise InvalidInputError(f"parameter 'p_keep' must be in (0, 1], got {p_keep}")
-    substrate_kind = perturb.str_param(params, DEFAULTS, "substrate")
-    if substrate_kind not in SUBSTRATES:
-        raise InvalidInputError(f"substrate must be one of {SUBSTRATES}, got {substrate_kind!r}")
     images = perturb.images_numpy(inputs)
     batch, _, height, width = images.shape
     tgt = perturb.targets_numpy(targets, batch)
-    if grid_size > min(height, width):
-        raise InvalidInputError(f"grid_size {grid_size} exceeds the {height}x{width} image")
     masks = RiseMasks(n_masks, grid_size, p_keep, (height, width), ctx.generator)
-    substrate: np.ndarray | None = None
+    offset: np.ndarray | None = None
     delta = images
-    if substrate_kind == "blur":
-        substrate = np.stack([perturb.box_blur(img) for img in images])
-        delta = images - substrate  # x*m + s*(1-m) = s + (x - s)*m
+    if substrate == "blur":
+        offset = np.stack([box_blur(img) for img in images])
+        delta = images - offset  # x*m + s*(1-m) = s + (x - s)*m
     if batch == 0:
         return Attribution(maps=torch.zeros((0, height, width)))
 
@@ -140,7 +162,7 @@ def rise(
         # Mask-major order: consecutive samples share a mask, so a chunk upsamples each of
         # its masks once however many images the batch holds.
         mask_chunk = masks(start // batch, (stop - 1) // batch + 1)
-        perturb.masked_into(out, delta, mask_chunk, start, substrate)
+        perturb.masked_into(out, delta, mask_chunk, start, offset)
         return mask_chunk
 
     sal = np.zeros((batch, height * width), dtype=np.float64)
@@ -149,8 +171,7 @@ def rise(
     )
     for start, stop, mask_chunk, logits in chunks:
         mask_of, item = np.divmod(np.arange(start, stop), batch)
-        perturb.check_targets(tgt[item], logits.shape[1])
-        prob = perturb.pick(perturb.softmax(logits), tgt[item])
+        prob = perturb.pick(softmax(logits), tgt[item])
         weights = np.zeros((batch, mask_chunk.shape[0]), dtype=np.float32)
         weights[item, mask_of - start // batch] = prob
         # einsum, not matmul: a (B, n) x (n, H*W) product is too small to gain from BLAS

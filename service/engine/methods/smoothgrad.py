@@ -25,15 +25,25 @@ from __future__ import annotations
 
 import torch
 
-from service.engine.errors import InvalidInputError
 from service.engine.methods.gradient import require_model, row_chunks, target_gradients
-from service.engine.registry import register_method
+from service.engine.registry import Param, register_method
 from service.engine.types import Attribution, ExplainContext
 
 SMILKOV_2017 = "https://arxiv.org/abs/1706.03825"
 ADEBAYO_2018 = "https://arxiv.org/abs/1810.03307"
-MAX_SAMPLES = 1024
-DEFAULTS = {"n_samples": 16, "noise_level": 0.15}
+PARAMS = (
+    Param("n_samples", "int", 16, "noisy copies per image", minimum=1, maximum=1024),
+    Param(
+        "noise_level",
+        "float",
+        0.15,
+        "noise standard deviation as a fraction of the image's pixel range max - min",
+        minimum=0.0,
+        # Ten times the image's own range is already pure noise; the bound keeps the
+        # noisy inputs (and so the gradients) finite.
+        maximum=10.0,
+    ),
+)
 
 
 def noise_sigma(inputs: torch.Tensor, noise_level: float) -> torch.Tensor:
@@ -58,10 +68,6 @@ def gradient_moments(
     Returns:
         ``(mean, mean_square)``, float64 ``(B, C, H, W)``.
     """
-    if not 1 <= n_samples <= MAX_SAMPLES:
-        raise InvalidInputError(f"n_samples must be in 1..{MAX_SAMPLES}, got {n_samples}")
-    if not noise_level >= 0:
-        raise InvalidInputError(f"noise_level must be >= 0, got {noise_level}")
     model = require_model(ctx)
     batch = inputs.shape[0]
     z = torch.randn((n_samples, *inputs.shape[1:]), generator=ctx.generator)
@@ -84,7 +90,7 @@ def gradient_moments(
     "smoothgrad",
     backend="torch",
     needs_gradients=True,
-    defaults=DEFAULTS,
+    params=PARAMS,
     description=(
         "Max over channels of |mean gradient| over noisy copies "
         "(Smilkov et al. 2017, SmoothGrad: removing noise by adding noise)"
@@ -96,8 +102,8 @@ def smoothgrad(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    n_samples: int = 16,
-    noise_level: float = 0.15,
+    n_samples: int,
+    noise_level: float,
 ) -> Attribution:
     """SmoothGrad: ``max_c |mean_s d S_t / d x_c (x + sigma z_s)|``.
 
@@ -105,9 +111,7 @@ def smoothgrad(
         ctx: engine context (model, generator, chunk size).
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per item.
-        n_samples: noisy copies per image (default 16).
-        noise_level: noise standard deviation as a fraction of the image's pixel range
-            ``max - min`` (default 0.15).
+        n_samples, noise_level: see ``PARAMS``.
 
     Returns:
         Non-negative maps ``(B, H, W)``. See the module docstring for the conventions.
@@ -122,7 +126,7 @@ def smoothgrad(
     "smoothgrad_sq",
     backend="torch",
     needs_gradients=True,
-    defaults=DEFAULTS,
+    params=PARAMS,
     description=(
         "Max over channels of the mean squared gradient over noisy copies, SmoothGrad^2 "
         "(Hooker et al. 2019, A Benchmark for Interpretability Methods)"
@@ -134,8 +138,8 @@ def smoothgrad_sq(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    n_samples: int = 16,
-    noise_level: float = 0.15,
+    n_samples: int,
+    noise_level: float,
 ) -> Attribution:
     """SmoothGrad^2: ``max_c mean_s (d S_t / d x_c (x + sigma z_s))^2``.
 
@@ -143,9 +147,7 @@ def smoothgrad_sq(
         ctx: engine context (model, generator, chunk size).
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per item.
-        n_samples: noisy copies per image (default 16).
-        noise_level: noise standard deviation as a fraction of the image's pixel range
-            ``max - min`` (default 0.15).
+        n_samples, noise_level: see ``PARAMS``.
 
     Returns:
         Non-negative maps ``(B, H, W)``. See the module docstring for the conventions.
@@ -160,7 +162,7 @@ def smoothgrad_sq(
     "vargrad",
     backend="torch",
     needs_gradients=True,
-    defaults=DEFAULTS,
+    params=PARAMS,
     description=(
         "Max over channels of the gradient variance over noisy copies "
         "(Adebayo et al. 2018, Local Explanation Methods for Deep Neural Networks Lack "
@@ -173,8 +175,8 @@ def vargrad(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     *,
-    n_samples: int = 16,
-    noise_level: float = 0.15,
+    n_samples: int,
+    noise_level: float,
 ) -> Attribution:
     """VarGrad: ``max_c var_s d S_t / d x_c (x + sigma z_s)``.
 
@@ -182,9 +184,7 @@ def vargrad(
         ctx: engine context (model, generator, chunk size).
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per item.
-        n_samples: noisy copies per image (default 16).
-        noise_level: noise standard deviation as a fraction of the image's pixel range
-            ``max - min`` (default 0.15).
+        n_samples, noise_level: see ``PARAMS``.
 
     Returns:
         Non-negative maps ``(B, H, W)``. See the module docstring for the conventions.

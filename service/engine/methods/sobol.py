@@ -21,15 +21,43 @@ import numpy as np
 import torch
 
 from service.engine import perturb
-from service.engine.errors import InvalidInputError
-from service.engine.registry import ParamValue, register_method
+from service.engine.methods.rise import check_grid
+from service.engine.ops import box_blur
+from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.errors import InvalidInputError
 
-# Blurring by default: on the default model, inpainting towards black (the paper's
-# default) scored 0.25 on the pointing game against 0.94 for blurring (bench/quality.py):
-# black cells are far outside what the model saw, so they dominate its answer.
-DEFAULTS: dict[str, ParamValue] = {"grid_size": 8, "n_designs": 32, "perturbation": "blurring"}
 PERTURBATIONS = ("inpainting", "blurring")
+PARAMS = (
+    # The design holds n_designs * (grid_size**2 + 2) rows of grid_size**2 cells, and each
+    # row costs one forward per image: the bounds keep both within reach.
+    Param("grid_size", "int", 8, "cells per side of the grid", minimum=1, maximum=16),
+    Param(
+        "n_designs",
+        "int",
+        32,
+        "points of each quasi-Monte Carlo matrix (a power of two)",
+        minimum=2,
+        maximum=1024,
+    ),
+    # Blurring by default: on the default model, inpainting towards black (the paper's
+    # default) scored 0.25 on the pointing game against 0.94 for blurring
+    # (bench/quality.py): black cells are far outside what the model saw.
+    Param(
+        "perturbation",
+        "str",
+        "blurring",
+        "cells scale towards 0 (inpainting) or towards a 10x10 box blur (blurring)",
+        choices=PERTURBATIONS,
+    ),
+)
+
+
+def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
+    n_designs = int(params["n_designs"])
+    if n_designs & (n_designs - 1):
+        raise InvalidInputError(f"n_designs must be a power of two, got {n_designs}")
+    check_grid(int(params["grid_size"]), input_shape)
 
 
 def sobol_design(dims: int, n_designs: int, seed: int) -> np.ndarray:
@@ -73,13 +101,20 @@ def jansen_total_order(outputs: np.ndarray, n_designs: int, dims: int) -> np.nda
     "sobol",
     backend="onnx",
     needs_gradients=False,
-    defaults=DEFAULTS,
+    params=PARAMS,
+    validate=_validate,
     description="Total-order Sobol indices of grid cells under quasi-Monte Carlo masks "
     "(Fel et al. 2021)",
     paper="https://arxiv.org/abs/2111.04138",
 )
 def sobol(
-    ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor, /, **params: object
+    ctx: ExplainContext,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    grid_size: int,
+    n_designs: int,
+    perturbation: str,
 ) -> Attribution:
     """Sobol total-order maps over a batch; every image sees the same design.
 
@@ -87,9 +122,8 @@ def sobol(
         ctx: request context; ``forward_numpy``, ``generator``, ``chunk_size``, deadline.
         inputs: ``(B, C, H, W)`` pixels in ``[0, 1]``.
         targets: ``(B,)`` class to explain per image.
-        **params: ``grid_size`` (cells per side), ``n_designs`` (power of two),
-            ``perturbation`` (``"inpainting"``: towards 0; ``"blurring"``: towards a 10x10
-            box blur of the image, as in the authors' code).
+        grid_size, n_designs, perturbation: see ``PARAMS`` (``"blurring"`` as in the
+            authors' code).
 
     Returns:
         ``Attribution`` with float32 ``(B, H, W)`` maps of total-order indices of the target
@@ -99,20 +133,9 @@ def sobol(
         DeadlineExceededError: the deadline passed between chunks; no map is returned.
     """
     forward = perturb.require_forward(ctx, "sobol")
-    grid_size = perturb.positive("grid_size", perturb.int_param(params, DEFAULTS, "grid_size"))
-    n_designs = perturb.positive("n_designs", perturb.int_param(params, DEFAULTS, "n_designs"))
-    perturbation = perturb.str_param(params, DEFAULTS, "perturbation")
-    if n_designs & (n_designs - 1) or n_designs < 2:
-        raise InvalidInputError(f"n_designs must be a power of two >= 2, got {n_designs}")
-    if perturbation not in PERTURBATIONS:
-        raise InvalidInputError(
-            f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}"
-        )
     images = perturb.images_numpy(inputs)
     batch, _, height, width = images.shape
     tgt = perturb.targets_numpy(targets, batch)
-    if grid_size > min(height, width):
-        raise InvalidInputError(f"grid_size {grid_size} exceeds the {height}x{width} image")
     dims = grid_size * grid_size
     design = sobol_design(dims, n_designs, perturb.seed_from(ctx.generator))
     if batch == 0:
@@ -127,7 +150,7 @@ def sobol(
     substrate: np.ndarray | None = None
     delta = images
     if perturbation == "blurring":
-        substrate = np.stack([perturb.box_blur(img) for img in images])
+        substrate = np.stack([box_blur(img) for img in images])
         delta = images - substrate  # x*m + s*(1-m) = s + (x - s)*m
 
     def build(start: int, stop: int, out: np.ndarray) -> None:
@@ -147,7 +170,6 @@ def sobol(
     )
     for start, stop, _, logits in chunks:
         mask_of, item = np.divmod(np.arange(start, stop), batch)
-        perturb.check_targets(tgt[item], logits.shape[1])
         outputs[mask_of, item] = perturb.pick(logits, tgt[item])
 
     maps = np.empty((batch, height, width), dtype=np.float32)

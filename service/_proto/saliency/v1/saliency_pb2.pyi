@@ -3,9 +3,9 @@
 isort:skip_file
 saliency-serve public API: explained predictions in one call.
 
-This file is the single source of truth of the wire format. The `Method` enum is
-rendered from the engine's method registry by `make protos` (numbers are never reused);
-everything else is written by hand.
+This file is the single source of truth of the wire format. The `Method`, `MaskKind`
+and `Score` enums are rendered from the engine's registries by `make protos` (numbers
+are never reused); everything else is written by hand.
 """
 
 from collections import abc as _abc
@@ -31,33 +31,57 @@ class _Method:
 class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     METHOD_UNSPECIFIED: _Method.ValueType  # 0
+    """Not a method: every MethodRequest sets one."""
     METHOD_VANILLA_GRADIENT: _Method.ValueType  # 1
+    """Max over colour channels of |d logit / d pixel| (Simonyan et al. 2013, Deep Inside Convolutional Networks)"""
     METHOD_GRADIENT_X_INPUT: _Method.ValueType  # 2
+    """Signed sum over colour channels of gradient * input (Shrikumar et al. 2016, Not Just a Black Box)"""
     METHOD_SMOOTHGRAD: _Method.ValueType  # 3
+    """Max over channels of |mean gradient| over noisy copies (Smilkov et al. 2017, SmoothGrad: removing noise by adding noise)"""
     METHOD_SMOOTHGRAD_SQ: _Method.ValueType  # 4
+    """Max over channels of the mean squared gradient over noisy copies, SmoothGrad^2 (Hooker et al. 2019, A Benchmark for Interpretability Methods)"""
     METHOD_VARGRAD: _Method.ValueType  # 5
+    """Max over channels of the gradient variance over noisy copies (Adebayo et al. 2018, Local Explanation Methods for Deep Neural Networks Lack Sensitivity to Parameter Values)"""
     METHOD_INTEGRATED_GRADIENTS: _Method.ValueType  # 6
+    """Channel sum of gradients integrated along the path from a baseline, with completeness error (Sundararajan et al. 2017, Axiomatic Attribution for Deep Networks)"""
     METHOD_GRAD_CAM: _Method.ValueType  # 7
+    """ReLU of layer activations weighted by spatially averaged gradients, upsampled (Selvaraju et al. 2017, Grad-CAM)"""
     METHOD_GRAD_CAM_PP: _Method.ValueType  # 8
+    """Grad-CAM with pixel-weighted gradients from higher-order terms (Chattopadhay et al. 2018, Grad-CAM++)"""
     METHOD_OCCLUSION: _Method.ValueType  # 9
+    """Drop of the target logit when a sliding square window is set to a baseline (Zeiler & Fergus 2014)"""
     METHOD_RISE: _Method.ValueType  # 10
+    """Average of random smooth masks weighted by the target probability (Petsiuk et al. 2018)"""
     METHOD_SOBOL: _Method.ValueType  # 11
+    """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """BEGIN GENERATED Method (make protos renders this block from service.engine.registry)"""
 
 METHOD_UNSPECIFIED: Method.ValueType  # 0
+"""Not a method: every MethodRequest sets one."""
 METHOD_VANILLA_GRADIENT: Method.ValueType  # 1
+"""Max over colour channels of |d logit / d pixel| (Simonyan et al. 2013, Deep Inside Convolutional Networks)"""
 METHOD_GRADIENT_X_INPUT: Method.ValueType  # 2
+"""Signed sum over colour channels of gradient * input (Shrikumar et al. 2016, Not Just a Black Box)"""
 METHOD_SMOOTHGRAD: Method.ValueType  # 3
+"""Max over channels of |mean gradient| over noisy copies (Smilkov et al. 2017, SmoothGrad: removing noise by adding noise)"""
 METHOD_SMOOTHGRAD_SQ: Method.ValueType  # 4
+"""Max over channels of the mean squared gradient over noisy copies, SmoothGrad^2 (Hooker et al. 2019, A Benchmark for Interpretability Methods)"""
 METHOD_VARGRAD: Method.ValueType  # 5
+"""Max over channels of the gradient variance over noisy copies (Adebayo et al. 2018, Local Explanation Methods for Deep Neural Networks Lack Sensitivity to Parameter Values)"""
 METHOD_INTEGRATED_GRADIENTS: Method.ValueType  # 6
+"""Channel sum of gradients integrated along the path from a baseline, with completeness error (Sundararajan et al. 2017, Axiomatic Attribution for Deep Networks)"""
 METHOD_GRAD_CAM: Method.ValueType  # 7
+"""ReLU of layer activations weighted by spatially averaged gradients, upsampled (Selvaraju et al. 2017, Grad-CAM)"""
 METHOD_GRAD_CAM_PP: Method.ValueType  # 8
+"""Grad-CAM with pixel-weighted gradients from higher-order terms (Chattopadhay et al. 2018, Grad-CAM++)"""
 METHOD_OCCLUSION: Method.ValueType  # 9
+"""Drop of the target logit when a sliding square window is set to a baseline (Zeiler & Fergus 2014)"""
 METHOD_RISE: Method.ValueType  # 10
+"""Average of random smooth masks weighted by the target probability (Petsiuk et al. 2018)"""
 METHOD_SOBOL: Method.ValueType  # 11
+"""Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _MapEncoding:
@@ -92,20 +116,23 @@ class _MaskKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MaskKind.Val
     MASK_KIND_UNSPECIFIED: _MaskKind.ValueType  # 0
     """Same as MASK_KIND_THRESHOLD."""
     MASK_KIND_NONE: _MaskKind.ValueType  # 1
+    """No mask and no box: the map alone"""
     MASK_KIND_THRESHOLD: _MaskKind.ValueType  # 2
-    """Pixels at or above the `percentile` of the map."""
+    """Pixels above a percentile of the map (Simonyan et al. 2013, sec. 3.1)"""
     MASK_KIND_GRABCUT: _MaskKind.ValueType  # 3
-    """GrabCut seeded from the map (Simonyan et al. 2013, section 3.1)."""
+    """GrabCut seeded from the map's quantiles (Simonyan et al. 2013, sec. 3.1)"""
 
-class MaskKind(_MaskKind, metaclass=_MaskKindEnumTypeWrapper): ...
+class MaskKind(_MaskKind, metaclass=_MaskKindEnumTypeWrapper):
+    """BEGIN GENERATED MaskKind (make protos renders this block from service.engine.registry)"""
 
 MASK_KIND_UNSPECIFIED: MaskKind.ValueType  # 0
 """Same as MASK_KIND_THRESHOLD."""
 MASK_KIND_NONE: MaskKind.ValueType  # 1
+"""No mask and no box: the map alone"""
 MASK_KIND_THRESHOLD: MaskKind.ValueType  # 2
-"""Pixels at or above the `percentile` of the map."""
+"""Pixels above a percentile of the map (Simonyan et al. 2013, sec. 3.1)"""
 MASK_KIND_GRABCUT: MaskKind.ValueType  # 3
-"""GrabCut seeded from the map (Simonyan et al. 2013, section 3.1)."""
+"""GrabCut seeded from the map's quantiles (Simonyan et al. 2013, sec. 3.1)"""
 Global___MaskKind: _TypeAlias = MaskKind  # noqa: Y015
 
 class _Score:
@@ -115,22 +142,25 @@ class _Score:
 class _ScoreEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Score.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SCORE_UNSPECIFIED: _Score.ValueType  # 0
+    """Not a score: every entry of `scores` sets one."""
     SCORE_DELETION_AUC: _Score.ValueType  # 1
-    """Area under the target probability as the most salient pixels are removed (lower is better)."""
+    """Area under the target probability as the most salient pixels are removed (Petsiuk et al. 2018, RISE); lower is better"""
     SCORE_INSERTION_AUC: _Score.ValueType  # 2
-    """Area under the target probability as the most salient pixels are added (higher is better)."""
+    """Area under the target probability as the most salient pixels are added to a blurred copy (Petsiuk et al. 2018, RISE); higher is better"""
     SCORE_MU_FIDELITY: _Score.ValueType  # 3
-    """Correlation between saliency removed and score drop (Bhatt et al. 2020; higher is better)."""
+    """Correlation between saliency removed and score drop over random subsets (Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations); higher is better"""
 
-class Score(_Score, metaclass=_ScoreEnumTypeWrapper): ...
+class Score(_Score, metaclass=_ScoreEnumTypeWrapper):
+    """BEGIN GENERATED Score (make protos renders this block from service.engine.registry)"""
 
 SCORE_UNSPECIFIED: Score.ValueType  # 0
+"""Not a score: every entry of `scores` sets one."""
 SCORE_DELETION_AUC: Score.ValueType  # 1
-"""Area under the target probability as the most salient pixels are removed (lower is better)."""
+"""Area under the target probability as the most salient pixels are removed (Petsiuk et al. 2018, RISE); lower is better"""
 SCORE_INSERTION_AUC: Score.ValueType  # 2
-"""Area under the target probability as the most salient pixels are added (higher is better)."""
+"""Area under the target probability as the most salient pixels are added to a blurred copy (Petsiuk et al. 2018, RISE); higher is better"""
 SCORE_MU_FIDELITY: Score.ValueType  # 3
-"""Correlation between saliency removed and score drop (Bhatt et al. 2020; higher is better)."""
+"""Correlation between saliency removed and score drop over random subsets (Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations); higher is better"""
 Global___Score: _TypeAlias = Score  # noqa: Y015
 
 @_typing.final
@@ -237,8 +267,8 @@ class MethodRequest(_message.Message):
     method: Global___Method.ValueType
     @_builtins.property
     def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Overrides of the method's defaults (see GetModelInfo); values are parsed to the
-        default's type. Unknown names are rejected.
+        """Overrides of the method's defaults (see GetModelInfo's ParamInfo); values are parsed
+        to the parameter's type and checked against its bounds. Unknown names are rejected.
         """
 
     def __init__(
@@ -259,18 +289,44 @@ Global___MethodRequest: _TypeAlias = MethodRequest  # noqa: Y015
 class MaskOptions(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KIND_FIELD_NUMBER: _builtins.int
     PERCENTILE_FIELD_NUMBER: _builtins.int
     FOREGROUND_QUANTILE_FIELD_NUMBER: _builtins.int
     BACKGROUND_QUANTILE_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
     kind: Global___MaskKind.ValueType
     percentile: _builtins.float
-    """MASK_KIND_THRESHOLD: percentile of the map kept as foreground (default 95)."""
-    foreground_quantile: _builtins.float
-    """MASK_KIND_GRABCUT: quantiles of the map that seed foreground (default 0.95) and
-    background (default 0.30).
+    """The three fields below are the mask parameters of the same name, kept for clients
+    written before `params`; 0 means unset. Set a parameter here or in `params`, not both.
+    MASK_KIND_THRESHOLD: percentile of the map kept as foreground.
     """
+    foreground_quantile: _builtins.float
+    """MASK_KIND_GRABCUT: quantiles of the map that seed foreground and background."""
     background_quantile: _builtins.float
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Overrides of the mask's defaults (see GetModelInfo's MaskInfo), as for methods."""
+
     def __init__(
         self,
         *,
@@ -278,10 +334,11 @@ class MaskOptions(_message.Message):
         percentile: _builtins.float = ...,
         foreground_quantile: _builtins.float = ...,
         background_quantile: _builtins.float = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_quantile", b"background_quantile", "foreground_quantile", b"foreground_quantile", "kind", b"kind", "percentile", b"percentile"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background_quantile", b"background_quantile", "foreground_quantile", b"foreground_quantile", "kind", b"kind", "params", b"params", "percentile", b"percentile"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -815,6 +872,65 @@ class GetModelInfoRequest(_message.Message):
 Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
 
 @_typing.final
+class ParamInfo(_message.Message):
+    """One parameter of a method, mask or score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    DEFAULT_FIELD_NUMBER: _builtins.int
+    MINIMUM_FIELD_NUMBER: _builtins.int
+    MAXIMUM_FIELD_NUMBER: _builtins.int
+    MINIMUM_EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    MAXIMUM_EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    CHOICES_FIELD_NUMBER: _builtins.int
+    DOC_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    type: _builtins.str
+    """"int", "float", "bool" or "str"."""
+    default: _builtins.str
+    """The default as a wire string."""
+    minimum: _builtins.float
+    """Bounds of numbers, when they have one."""
+    maximum: _builtins.float
+    minimum_exclusive: _builtins.bool
+    """Whether the bound itself is refused."""
+    maximum_exclusive: _builtins.bool
+    doc: _builtins.str
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The accepted values of a string parameter; empty means any."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        type: _builtins.str = ...,
+        default: _builtins.str = ...,
+        minimum: _builtins.float | None = ...,
+        maximum: _builtins.float | None = ...,
+        minimum_exclusive: _builtins.bool = ...,
+        maximum_exclusive: _builtins.bool = ...,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+        doc: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "maximum", b"maximum", "minimum", b"minimum"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_maximum", b"_maximum", "_minimum", b"_minimum", "choices", b"choices", "default", b"default", "doc", b"doc", "maximum", b"maximum", "maximum_exclusive", b"maximum_exclusive", "minimum", b"minimum", "minimum_exclusive", b"minimum_exclusive", "name", b"name", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__maximum: _TypeAlias = _typing.Literal["maximum"]  # noqa: Y015
+    _WhichOneofArgType__maximum: _TypeAlias = _typing.Literal["_maximum", b"_maximum"]  # noqa: Y015
+    _WhichOneofReturnType__minimum: _TypeAlias = _typing.Literal["minimum"]  # noqa: Y015
+    _WhichOneofArgType__minimum: _TypeAlias = _typing.Literal["_minimum", b"_minimum"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__maximum) -> _WhichOneofReturnType__maximum | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__minimum) -> _WhichOneofReturnType__minimum | None: ...
+
+Global___ParamInfo: _TypeAlias = ParamInfo  # noqa: Y015
+
+@_typing.final
 class MethodInfo(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -846,6 +962,7 @@ class MethodInfo(_message.Message):
     BATCHABLE_FIELD_NUMBER: _builtins.int
     DEFAULTS_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
     method: Global___Method.ValueType
     name: _builtins.str
     description: _builtins.str
@@ -856,6 +973,8 @@ class MethodInfo(_message.Message):
     """False when this model cannot run it (e.g. CAM without a target layer)."""
     @_builtins.property
     def defaults(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParamInfo]: ...
     def __init__(
         self,
         *,
@@ -867,14 +986,83 @@ class MethodInfo(_message.Message):
         batchable: _builtins.bool = ...,
         defaults: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         available: _builtins.bool = ...,
+        params: _abc.Iterable[Global___ParamInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batchable", b"batchable", "defaults", b"defaults", "description", b"description", "method", b"method", "name", b"name", "needs_gradients", b"needs_gradients", "paper", b"paper"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batchable", b"batchable", "defaults", b"defaults", "description", b"description", "method", b"method", "name", b"name", "needs_gradients", b"needs_gradients", "paper", b"paper", "params", b"params"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MethodInfo: _TypeAlias = MethodInfo  # noqa: Y015
+
+@_typing.final
+class MaskInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PAPER_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    kind: Global___MaskKind.ValueType
+    name: _builtins.str
+    description: _builtins.str
+    paper: _builtins.str
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParamInfo]: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___MaskKind.ValueType = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        paper: _builtins.str = ...,
+        params: _abc.Iterable[Global___ParamInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "kind", b"kind", "name", b"name", "paper", b"paper", "params", b"params"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MaskInfo: _TypeAlias = MaskInfo  # noqa: Y015
+
+@_typing.final
+class ScoreInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCORE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    PAPER_FIELD_NUMBER: _builtins.int
+    HIGHER_IS_BETTER_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    score: Global___Score.ValueType
+    name: _builtins.str
+    description: _builtins.str
+    paper: _builtins.str
+    higher_is_better: _builtins.bool
+    """Which way a more faithful map moves the score."""
+    @_builtins.property
+    def params(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParamInfo]: ...
+    def __init__(
+        self,
+        *,
+        score: Global___Score.ValueType = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        paper: _builtins.str = ...,
+        higher_is_better: _builtins.bool = ...,
+        params: _abc.Iterable[Global___ParamInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "higher_is_better", b"higher_is_better", "name", b"name", "paper", b"paper", "params", b"params", "score", b"score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreInfo: _TypeAlias = ScoreInfo  # noqa: Y015
 
 @_typing.final
 class ModelInfo(_message.Message):
@@ -889,6 +1077,8 @@ class ModelInfo(_message.Message):
     STD_FIELD_NUMBER: _builtins.int
     TARGET_LAYER_FIELD_NUMBER: _builtins.int
     METHODS_FIELD_NUMBER: _builtins.int
+    MASKS_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     channels: _builtins.int
     height: _builtins.int
@@ -905,6 +1095,10 @@ class ModelInfo(_message.Message):
     @_builtins.property
     def methods(self) -> _containers.RepeatedCompositeFieldContainer[Global___MethodInfo]: ...
     @_builtins.property
+    def masks(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskInfo]: ...
+    @_builtins.property
+    def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreInfo]: ...
+    @_builtins.property
     def error(self) -> Global___Error: ...
     def __init__(
         self,
@@ -918,11 +1112,13 @@ class ModelInfo(_message.Message):
         std: _abc.Iterable[_builtins.float] | None = ...,
         target_layer: _builtins.str = ...,
         methods: _abc.Iterable[Global___MethodInfo] | None = ...,
+        masks: _abc.Iterable[Global___MaskInfo] | None = ...,
+        scores: _abc.Iterable[Global___ScoreInfo] | None = ...,
         error: Global___Error | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "error", b"error", "height", b"height", "labels", b"labels", "mean", b"mean", "methods", b"methods", "model", b"model", "std", b"std", "target_layer", b"target_layer", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "error", b"error", "height", b"height", "labels", b"labels", "masks", b"masks", "mean", b"mean", "methods", b"methods", "model", b"model", "scores", b"scores", "std", b"std", "target_layer", b"target_layer", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -82,7 +82,8 @@ class ExplainServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Labels, input size and the methods this model can run, with their defaults.
+        """Labels, input size, and the methods, masks and scores this model can run, with their
+        parameters.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -3,9 +3,9 @@
 isort:skip_file
 saliency-serve public API: explained predictions in one call.
 
-This file is the single source of truth of the wire format. The `Method` enum is
-rendered from the engine's method registry by `make protos` (numbers are never reused);
-everything else is written by hand.
+This file is the single source of truth of the wire format. The `Method`, `MaskKind`
+and `Score` enums are rendered from the engine's registries by `make protos` (numbers
+are never reused); everything else is written by hand.
 """
 
 from collections import abc as _abc
@@ -45,7 +45,9 @@ class ExplainServiceStub:
     Predict: _grpc.UnaryUnaryMultiCallable[_saliency_pb2.PredictRequest, _saliency_pb2.PredictResponse]
     """Forward only, through ONNX Runtime."""
     GetModelInfo: _grpc.UnaryUnaryMultiCallable[_saliency_pb2.GetModelInfoRequest, _saliency_pb2.ModelInfo]
-    """Labels, input size and the methods this model can run, with their defaults."""
+    """Labels, input size, and the methods, masks and scores this model can run, with their
+    parameters.
+    """
 
 @_typing.type_check_only
 class ExplainServiceAsyncStub(ExplainServiceStub):
@@ -59,7 +61,9 @@ class ExplainServiceAsyncStub(ExplainServiceStub):
     Predict: _aio.UnaryUnaryMultiCallable[_saliency_pb2.PredictRequest, _saliency_pb2.PredictResponse]  # type: ignore[assignment]
     """Forward only, through ONNX Runtime."""
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_saliency_pb2.GetModelInfoRequest, _saliency_pb2.ModelInfo]  # type: ignore[assignment]
-    """Labels, input size and the methods this model can run, with their defaults."""
+    """Labels, input size, and the methods, masks and scores this model can run, with their
+    parameters.
+    """
 
 class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -94,6 +98,8 @@ class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _saliency_pb2.GetModelInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_saliency_pb2.ModelInfo, _abc.Awaitable[_saliency_pb2.ModelInfo]]:
-        """Labels, input size and the methods this model can run, with their defaults."""
+        """Labels, input size, and the methods, masks and scores this model can run, with their
+        parameters.
+        """
 
 def add_ExplainServiceServicer_to_server(servicer: ExplainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

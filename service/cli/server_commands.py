@@ -1,16 +1,56 @@
-"""``saliency-serve``: serve, gateway, torchserve, archive, explain, methods, bench."""
+"""Commands that run the service: serve, gateway, torchserve, archive, bench.
+
+They need the ``server`` extra; each imports its heavy modules only when it runs, and
+first says what to install when they are missing (a client-only install has the parser).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEFAULT_STORE = Path(os.environ.get("SALIENCY_MODEL_STORE", "model_store"))
+SERVER_MODULES = ("torch", "onnxruntime", "cv2", "ts")
+GATEWAY_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client")
+Command = Callable[[argparse.Namespace], int]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # an import hook may refuse it outright
+        return False
+
+
+def needs(modules: tuple[str, ...]) -> Callable[[Command], Command]:
+    """Run the command only where ``modules`` import; else say what to install (exit 2)."""
+
+    def decorate(command: Command) -> Command:
+        def checked(args: argparse.Namespace) -> int:
+            missing = [m for m in modules if not _installed(m)]
+            if missing:
+                print(
+                    f"saliency-serve {args.command} needs the server install, which this "
+                    f"environment lacks (missing: {', '.join(missing)}). Install it with:\n"
+                    "    pip install 'saliency-serve[server]'\n"
+                    "(or `make install` in a checkout). The client commands (explain, "
+                    "methods) work without it.",
+                    file=sys.stderr,
+                )
+                return 2
+            return command(args)
+
+        return checked
+
+    return decorate
 
 
 def _csv_floats(text: str) -> list[float]:
@@ -24,6 +64,7 @@ def _size(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
+@needs(SERVER_MODULES)
 def cmd_archive(args: argparse.Namespace) -> int:
     from service.archive import build_archive
     from service.runtime.export import ParityError
@@ -79,6 +120,7 @@ def _ensure_default_archive(store: Path) -> Path:
     return mar
 
 
+@needs(SERVER_MODULES + GATEWAY_MODULES)
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.gateway.server import GatewayConfig
     from service.launcher import TorchServe, TorchServePorts
@@ -123,6 +165,7 @@ async def _until_signal(config: object) -> None:
     print("gateway stopped", flush=True)
 
 
+@needs(GATEWAY_MODULES)
 def cmd_gateway(args: argparse.Namespace) -> int:
     from service.gateway.server import GatewayConfig
 
@@ -136,6 +179,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+@needs(SERVER_MODULES)
 def cmd_torchserve(args: argparse.Namespace) -> int:
     from service.launcher import TorchServe
 
@@ -162,75 +206,7 @@ def cmd_torchserve(args: argparse.Namespace) -> int:
         server.stop()
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    import cv2
-    import grpc
-
-    from service._proto.saliency.v1 import saliency_pb2 as pb
-    from service.client import SaliencyClient, decode_map, decode_mask, overlay
-    from service.serving.pipeline import method_name
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    read = cv2.imread(str(args.image), cv2.IMREAD_COLOR)
-    if read is None:
-        print(f"cannot read {args.image} as an image", file=sys.stderr)
-        return 2
-    image = cv2.cvtColor(read, cv2.COLOR_BGR2RGB)
-    with SaliencyClient(args.address) as client:
-        try:
-            reply = client.explain(
-                args.image,
-                methods=args.method or ["vanilla_gradient"],
-                top_k=args.top_k,
-                targets=args.target or [],
-                mask=args.mask,
-                seed=args.seed,
-                scores=args.score or [],
-                timeout=args.timeout,
-            )
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
-            return 1
-    for p in reply.predictions:
-        print(f"{p.label:>12s}  {p.probability:.3f}")
-    tiles = [image]
-    for item in reply.explanations:
-        name = method_name(item.method)
-        stem = f"{name}_{item.target_label}"
-        heat = overlay(image, decode_map(item.map))
-        if item.HasField("box"):
-            b = item.box
-            cv2.rectangle(heat, (b.x_min, b.y_min), (b.x_max, b.y_max), (255, 255, 255), 1)
-        cv2.imwrite(str(args.out / f"{stem}.png"), cv2.cvtColor(heat, cv2.COLOR_RGB2BGR))
-        tiles.append(heat)
-        if item.mask.png:
-            cv2.imwrite(
-                str(args.out / f"{stem}_mask.png"), decode_mask(item.mask).astype("uint8") * 255
-            )
-        extra = (
-            f" completeness={item.completeness_error:.4f}"
-            if item.HasField("completeness_error")
-            else ""
-        )
-        scores = " ".join(
-            f"{pb.Score.Name(s.score).removeprefix('SCORE_').lower()}={s.value:.3f}"
-            for s in item.scores
-        )
-        print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
-    cv2.imwrite(str(args.out / "overview.png"), cv2.cvtColor(cv2.hconcat(tiles), cv2.COLOR_RGB2BGR))
-    print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
-    return 0
-
-
-def cmd_methods(args: argparse.Namespace) -> int:
-    from service.engine.registry import list_methods
-
-    for spec in list_methods():
-        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        print(f"{spec.name:22s} {spec.backend:5s} {spec.description}  [{defaults}]")
-    return 0
-
-
+@needs(SERVER_MODULES)
 def cmd_bench(args: argparse.Namespace) -> int:
     import runpy
 
@@ -239,12 +215,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from service.engine.registry import method_names
-
-    parser = argparse.ArgumentParser(prog="saliency-serve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="TorchServe + gateway, default model built once")
     serve.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
     serve.add_argument("--run-dir", default=".cache/run")
@@ -287,34 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     archive.add_argument("--target-layer", default=None)
     archive.set_defaults(func=cmd_archive)
 
-    explain = sub.add_parser("explain", help="explain an image through a running server")
-    explain.add_argument("image", type=Path)
-    explain.add_argument("--method", action="append", choices=method_names())
-    explain.add_argument("--top-k", type=int, default=1)
-    explain.add_argument("--target", type=int, action="append")
-    explain.add_argument("--mask", choices=["none", "threshold", "grabcut"], default="threshold")
-    explain.add_argument(
-        "--score", action="append", choices=["deletion_auc", "insertion_auc", "mu_fidelity"]
-    )
-    explain.add_argument("--seed", type=int, default=0)
-    explain.add_argument("--out", type=Path, default=Path("explanations"))
-    explain.add_argument("--address", default="localhost:50051")
-    explain.add_argument("--timeout", type=float, default=120.0)
-    explain.set_defaults(func=cmd_explain)
-
-    methods = sub.add_parser("methods", help="list the registered explanation methods")
-    methods.set_defaults(func=cmd_methods)
-
     bench = sub.add_parser("bench", help="run a benchmark suite (see bench/)")
     bench.add_argument("suite", nargs="?", default="run")
     bench.set_defaults(func=cmd_bench)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

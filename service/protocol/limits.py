@@ -1,9 +1,11 @@
-"""Request limits: what a single call may cost, with defaults a demanding service would use."""
+"""What a single call may cost, and the message sizes every host agrees on."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+
+MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,7 @@ class Limits:
         max_top_k: predictions listed / targets explained by top-k.
     """
 
-    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_bytes: int = 16 * MIB
     max_image_pixels: int = 2048 * 2048
     max_image_side: int = 8192
     max_explanations: int = 32
@@ -34,3 +36,11 @@ class Limits:
             if prefix + f.name.upper() in os.environ
         }
         return cls(**values)
+
+
+GATEWAY_RECEIVE_BYTES = Limits().max_image_bytes + MIB
+"""Largest request the gateway accepts: the image limit plus room for the other fields."""
+
+MAX_MESSAGE_BYTES = 64 * MIB
+"""Largest message clients, gateway and TorchServe send or receive: far above any request
+the gateway accepts, so that a reply (maps of a large image) is never what gets refused."""

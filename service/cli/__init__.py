@@ -1,0 +1,27 @@
+"""``saliency-serve``: explain and methods (client), serve, gateway, torchserve, archive, bench.
+
+The parser imports nothing heavy: the client commands need the base install only, and
+the server commands import torch, TorchServe and the gateway when they run (and say what
+to install when those are missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from service.cli import client_commands, server_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saliency-serve", description=__doc__.splitlines()[0].replace("``", "")
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    server_commands.add_parsers(sub)
+    client_commands.add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))

@@ -1,0 +1,150 @@
+"""Commands that talk to a running server: ``explain`` and ``methods`` (base install only).
+
+Their choices come from the generated wire enums, which ``make protos`` renders from the
+registries: the names are the server's without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from service.protocol.errors import InvalidInputError
+from service.protocol.families import DEFAULT_METHOD
+from service.protocol.names import MASKS, METHODS, SCORES
+
+DEFAULT_ADDRESS = "localhost:50051"
+
+
+def add_parsers(sub: Any) -> None:
+    explain = sub.add_parser("explain", help="explain an image through a running server")
+    explain.add_argument("image", type=Path)
+    explain.add_argument("--method", action="append", choices=METHODS.names())
+    explain.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="a method parameter, e.g. integrated_gradients.n_steps=64 (repeatable)",
+    )
+    explain.add_argument("--top-k", type=int, default=1)
+    explain.add_argument("--target", type=int, action="append")
+    explain.add_argument("--mask", choices=MASKS.names(), default=MASKS.name(0))
+    explain.add_argument(
+        "--mask-param", action="append", default=[], metavar="NAME=VALUE", help="(repeatable)"
+    )
+    explain.add_argument("--score", action="append", choices=SCORES.names())
+    explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument("--out", type=Path, default=Path("explanations"))
+    explain.add_argument("--address", default=DEFAULT_ADDRESS)
+    explain.add_argument("--timeout", type=float, default=120.0)
+    explain.set_defaults(func=cmd_explain)
+
+    methods = sub.add_parser("methods", help="list the methods, masks and scores")
+    methods.add_argument(
+        "--address", help="ask this server (descriptions, parameters); else the wire names"
+    )
+    methods.set_defaults(func=cmd_methods)
+
+
+def _assignments(items: list[str], what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"{what} must look like NAME=VALUE, got {item!r}")
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def method_calls(methods: list[str], params: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """``--method`` and ``--param method.name=value`` as the client's method arguments."""
+    calls: dict[str, dict[str, str]] = {name: {} for name in methods}
+    for key, value in _assignments(params, "--param"):
+        method, _, name = key.partition(".")
+        if method not in calls or not name:
+            raise InvalidInputError(
+                f"--param {key}: name a requested --method and a parameter, e.g. "
+                "integrated_gradients.n_steps=64"
+            )
+        calls[method][name] = value
+    return list(calls.items())
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from service.client import SaliencyClient, decode_map, decode_mask, draw_box, overlay
+
+    try:
+        with Image.open(args.image) as opened:
+            image = np.asarray(opened.convert("RGB"))
+        methods = method_calls(args.method or [DEFAULT_METHOD], args.param)
+        mask_params = dict(_assignments(args.mask_param, "--mask-param"))
+    except (OSError, InvalidInputError) as exc:
+        print(f"explain: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    with SaliencyClient(args.address) as client:
+        try:
+            reply = client.explain(
+                args.image,
+                methods=methods,
+                top_k=args.top_k,
+                targets=args.target or [],
+                mask=args.mask,
+                mask_params=mask_params,
+                seed=args.seed,
+                scores=args.score or [],
+                timeout=args.timeout,
+            )
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for p in reply.predictions:
+        print(f"{p.label:>12s}  {p.probability:.3f}")
+    tiles = [image]
+    for item in reply.explanations:
+        stem = f"{METHODS.label(item.method)}_{item.target_label}"
+        heat = overlay(image, decode_map(item.map))
+        if item.HasField("box"):
+            heat = draw_box(heat, item.box)
+        Image.fromarray(heat).save(args.out / f"{stem}.png")
+        tiles.append(heat)
+        if item.mask.png:
+            Image.fromarray(decode_mask(item.mask)).save(args.out / f"{stem}_mask.png")
+        extra = (
+            f" completeness={item.completeness_error:.4f}"
+            if item.HasField("completeness_error")
+            else ""
+        )
+        scores = " ".join(f"{SCORES.label(s.score)}={s.value:.3f}" for s in item.scores)
+        print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
+    Image.fromarray(np.hstack(tiles)).save(args.out / "overview.png")
+    print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    if not args.address:
+        for title, enum in (("methods", METHODS), ("masks", MASKS), ("scores", SCORES)):
+            print(f"{title}: {', '.join(enum.names())}")
+        print("(--address HOST:PORT lists descriptions and parameters from a server)")
+        return 0
+    from service.client import SaliencyClient
+
+    with SaliencyClient(args.address) as client:
+        try:
+            info = client.model_info()
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for group in (info.methods, info.masks, info.scores):
+        for entry in group:
+            params = ", ".join(f"{p.name}={p.default}" for p in entry.params)
+            print(f"{entry.name:22s} {entry.description}  [{params}]")
+    return 0

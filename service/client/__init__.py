@@ -1,0 +1,32 @@
+"""Typed client of the saliency-serve gateway: installs with grpcio, protobuf, numpy and
+Pillow only (``pip install saliency-serve``; the server is the ``server`` extra).
+
+Example:
+    >>> from service.client import SaliencyClient, decode_map, decode_mask
+    >>> with SaliencyClient("localhost:50051") as client:
+    ...     reply = client.explain("cat.png", methods=["grad_cam", "smoothgrad"], top_k=1)
+    ...     for item in reply.explanations:
+    ...         saliency = decode_map(item.map)      # float32 (H, W)
+    ...         mask = decode_mask(item.mask)        # bool (H, W)
+
+``AsyncSaliencyClient`` has the same methods for ``asyncio`` (``grpc.aio``).
+"""
+
+from service.client.aio import AsyncSaliencyClient
+from service.client.decode import decode_map, decode_mask
+from service.client.messages import MethodArg, domain_error, explain_request, predict_request
+from service.client.overlay import draw_box, overlay
+from service.client.sync import SaliencyClient
+
+__all__ = [
+    "AsyncSaliencyClient",
+    "MethodArg",
+    "SaliencyClient",
+    "decode_map",
+    "decode_mask",
+    "domain_error",
+    "draw_box",
+    "explain_request",
+    "overlay",
+    "predict_request",
+]

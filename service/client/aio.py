@@ -1,0 +1,68 @@
+"""The asyncio client: the same methods as :class:`~service.client.SaliencyClient`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
+from service.protocol.request import DEFAULT_PREDICT_TOP_K
+
+
+class AsyncSaliencyClient(ClientBase):
+    """``grpc.aio`` client of ``saliency.v1.ExplainService``; use ``async with`` (arguments:
+    :class:`ClientBase`)."""
+
+    transport = grpc.aio
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncSaliencyClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def explain(
+        self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
+    ) -> pb.ExplainResponse:
+        """Prediction and explanations in one response (options: :func:`explain_request`)."""
+        return await self.stub.Explain(explain_request(image, **options), timeout=timeout)
+
+    async def explain_stream(
+        self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
+    ) -> AsyncIterator[pb.ExplainStreamResponse]:
+        """The prediction first, then each explanation and its scores as they complete.
+
+        Leaving the loop early cancels the call, which stops the work it started.
+        """
+        call = self.stub.ExplainStream(explain_request(image, **options), timeout=timeout)
+        try:
+            async for part in call:
+                yield part
+        finally:
+            call.cancel()
+
+    async def predict(
+        self,
+        image: ImageArg,
+        *,
+        top_k: int = DEFAULT_PREDICT_TOP_K,
+        model: str = "",
+        timeout: float | None = 10.0,
+    ) -> pb.PredictResponse:
+        """Forward only: the ``top_k`` most probable classes."""
+        request = predict_request(image, top_k=top_k, model=model)
+        return await self.stub.Predict(request, timeout=timeout)
+
+    async def model_info(self, model: str = "", timeout: float | None = 10.0) -> pb.ModelInfo:
+        """Labels, input size, and every method, mask and score with its parameters."""
+        request = pb.GetModelInfoRequest(model=model)
+        return await self.stub.GetModelInfo(request, timeout=timeout)

@@ -1,0 +1,57 @@
+"""The blocking client: one channel, reused; every call takes a ``timeout`` in seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
+from service.protocol.request import DEFAULT_PREDICT_TOP_K
+
+
+class SaliencyClient(ClientBase):
+    """Blocking client of ``saliency.v1.ExplainService`` (arguments: :class:`ClientBase`)."""
+
+    transport = grpc
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> SaliencyClient:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def explain(
+        self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
+    ) -> pb.ExplainResponse:
+        """Prediction and explanations in one response (options: :func:`explain_request`)."""
+        return self.stub.Explain(explain_request(image, **options), timeout=timeout)
+
+    def explain_stream(
+        self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
+    ) -> Iterator[pb.ExplainStreamResponse]:
+        """The prediction first, then each explanation and its scores as they complete."""
+        return self.stub.ExplainStream(explain_request(image, **options), timeout=timeout)
+
+    def predict(
+        self,
+        image: ImageArg,
+        *,
+        top_k: int = DEFAULT_PREDICT_TOP_K,
+        model: str = "",
+        timeout: float | None = 10.0,
+    ) -> pb.PredictResponse:
+        """Forward only: the ``top_k`` most probable classes."""
+        return self.stub.Predict(predict_request(image, top_k=top_k, model=model), timeout=timeout)
+
+    def model_info(self, model: str = "", timeout: float | None = 10.0) -> pb.ModelInfo:
+        """Labels, input size, and every method, mask and score with its parameters."""
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout)

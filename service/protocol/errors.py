@@ -1,0 +1,87 @@
+"""Domain errors, and the one table from each of them to a gRPC status code name.
+
+The engine raises these with a message a user can act on; the pipeline writes the code
+name into a reply's ``Error`` (TorchServe cannot fail one item of a batch with a status),
+the gateway's interceptor turns it into the call's status, and the client can rebuild
+the class from the name. Standard library only.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error raised on purpose (INTERNAL when nothing more specific)."""
+
+
+class InvalidInputError(EngineError):
+    """The request is malformed: bad image, bad shape, bad parameter (INVALID_ARGUMENT)."""
+
+
+class UnknownMethodError(InvalidInputError):
+    """The requested explanation method is not in the registry (INVALID_ARGUMENT)."""
+
+
+class TargetOutOfRangeError(InvalidInputError):
+    """A target class index is outside ``[0, num_classes)`` (INVALID_ARGUMENT)."""
+
+
+class UnsupportedMethodError(EngineError):
+    """The method exists but this model cannot run it, e.g. CAM without a layer.
+
+    Maps to FAILED_PRECONDITION.
+    """
+
+
+class ResourceLimitError(EngineError):
+    """The request would exceed a configured limit: pixels, samples, batch (RESOURCE_EXHAUSTED)."""
+
+
+class CancelledError(EngineError):
+    """The caller went away; the work it started stops (CANCELLED)."""
+
+
+class DeadlineExceededError(EngineError):
+    """The request's deadline passed before the work finished (DEADLINE_EXCEEDED)."""
+
+
+# Most specific first: the first class an exception is an instance of gives its code.
+_CODES: tuple[tuple[type[EngineError], str], ...] = (
+    (InvalidInputError, "INVALID_ARGUMENT"),
+    (ResourceLimitError, "RESOURCE_EXHAUSTED"),
+    (DeadlineExceededError, "DEADLINE_EXCEEDED"),
+    (CancelledError, "CANCELLED"),
+    (UnsupportedMethodError, "FAILED_PRECONDITION"),
+    (EngineError, "INTERNAL"),
+)
+_BY_CODE: dict[str, type[EngineError]] = {code: cls for cls, code in _CODES}
+MAX_MESSAGE_CHARS = 1000
+"""Longest error message sent to a client; a status must stay small whatever the input."""
+
+
+def code_name(exc: BaseException) -> str:
+    """gRPC status code name (``"INVALID_ARGUMENT"``...) of an exception; else INTERNAL."""
+    for cls, name in _CODES:
+        if isinstance(exc, cls):
+            return name
+    return "INTERNAL"
+
+
+def error_from_code(code: str, message: str) -> EngineError:
+    """The domain error a code name stands for (the inverse of :func:`code_name`)."""
+    return _BY_CODE.get(code, EngineError)(message)
+
+
+def message_of(exc: BaseException) -> str:
+    """What a client is told: the message, or the class name, at most ~1000 characters."""
+    text = str(exc) or type(exc).__name__
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return text[:MAX_MESSAGE_CHARS] + f"... ({len(text)} characters)"
+
+
+def clip(value: object, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for echoing user input in a message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"... ({len(text)} characters)"
