@@ -25,6 +25,7 @@ from service.engine.methods.rise import check_grid
 from service.engine.ops import box_blur
 from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
 PERTURBATIONS = ("inpainting", "blurring")
@@ -58,6 +59,16 @@ def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
     if n_designs & (n_designs - 1):
         raise InvalidInputError(f"n_designs must be a power of two, got {n_designs}")
     check_grid(int(params["grid_size"]), input_shape)
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """``n_designs * (cells + 2)`` forwards. Building the design holds the matrices ``C_i``
+    (float32, ``cells x n_designs x cells``) and their concatenation with ``A`` and ``B``
+    at once, after the float64 draw of ``A | B``."""
+    _, height, width = input_shape
+    n_designs, cells = int(params["n_designs"]), int(params["grid_size"]) ** 2
+    design = 4 * n_designs * cells * (2 * cells + 2) + 24 * n_designs * cells
+    return Cost(forwards=n_designs * (cells + 2), memory_bytes=design + 8 * height * width)
 
 
 def sobol_design(dims: int, n_designs: int, seed: int) -> np.ndarray:
@@ -106,6 +117,7 @@ def jansen_total_order(outputs: np.ndarray, n_designs: int, dims: int) -> np.nda
     description="Total-order Sobol indices of grid cells under quasi-Monte Carlo masks "
     "(Fel et al. 2021)",
     paper="https://arxiv.org/abs/2111.04138",
+    cost=cost,
 )
 def sobol(
     ctx: ExplainContext,
