@@ -16,7 +16,6 @@ import numpy as np
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.ops import softmax
-from service.protocol.errors import EngineError
 from service.protocol.events import EventKind
 from service.protocol.limits import Limits
 from service.protocol.request import ExplainQuery, PredictQuery
@@ -78,8 +77,13 @@ class Explainer:
         for job in jobs:
             if job.error is None:
                 assert job.plan is not None and job.probabilities is not None
-                job.work = job.plan.work(job.probabilities)
-                yield Event(EventKind.PREDICTION, job, self.replies.explain_prediction(job))
+                try:
+                    job.work = job.plan.work(job.probabilities)
+                    prediction = self.replies.explain_prediction(job)
+                except Exception as exc:
+                    job.fail(exc)
+                    continue
+                yield Event(EventKind.PREDICTION, job, prediction)
         for group in execute.groups(jobs):
             yield from execute.explain_group(self.replies, group)
         for job in jobs:
@@ -90,7 +94,7 @@ class Explainer:
             try:
                 job.query = ExplainQuery.from_pb(job.request)
                 job.plan = plan(job.query, self.bundle.engine, len(self.meta.labels), self.limits)
-            except EngineError as exc:
+            except Exception as exc:  # a bug in one request's checks fails that request
                 job.fail(exc)
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -104,17 +108,24 @@ class Explainer:
                     raise job.stop_error()
                 job.pixels = codec.decode_image(job.request.image, self.limits)
                 job.model_input = codec.to_model_input(job.pixels, height, width)
-            except EngineError as exc:
+            except Exception as exc:
                 job.fail(exc)
             job.add_time("decode", time.perf_counter() - start)
 
     def _forward(self, jobs: list[Job]) -> None:
+        """One forward for every job still in; if it fails, each job alone (see execute)."""
         ready = [job for job in jobs if job.error is None]
         if not ready:
             return
         start = time.perf_counter()
-        batch = np.stack([job.model_input for job in ready])  # type: ignore[misc]
-        probabilities = softmax(self.bundle.forward(batch))
+        try:
+            batch = np.stack([job.model_input for job in ready])  # type: ignore[misc]
+            probabilities = softmax(self.bundle.forward(batch))
+        except Exception as exc:
+            if execute.shared_failure(ready, exc):
+                for job in ready:
+                    self._forward([job])
+            return
         elapsed = time.perf_counter() - start
         for job, row in zip(ready, probabilities, strict=True):
             job.probabilities = row.astype(np.float32)
