@@ -19,6 +19,7 @@ from service.protocol.cost import Cost, Item, check_budget
 from service.protocol.errors import InvalidInputError, ResourceLimitError
 from service.protocol.limits import Limits
 from service.protocol.request import ExplainQuery
+from service.serving import codec
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def plan(query: ExplainQuery, engine: Engine, num_classes: int, limits: Limits) 
             f"{len(query.methods)} methods x {len(targets) or query.top_k} targets = {count} "
             f"explanations; the limit is {limits.max_explanations} per request"
         )
+    codec.check_map_encoding(query.map_encoding)
     methods = tuple(engine.resolve_params(call.name, call.params) for call in query.methods)
     mask = MASKS.get(query.mask.name)
     mask_params = mask.resolve_params(query.mask.overrides(mask.params.names()))

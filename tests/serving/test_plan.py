@@ -121,6 +121,43 @@ def test_a_huge_parameter_value_gets_a_short_status(explainer: Explainer) -> Non
     assert "n_samples" in reply.error.message and len(reply.error.message) < 400
 
 
+HUGE = "x" * 100_000
+
+
+def hostile(mutate: object) -> pb.ExplainRequest:
+    req = request("occlusion")
+    mutate(req)  # type: ignore[operator]
+    return req
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        hostile(lambda r: r.methods[0].params.update({HUGE: "1"})),
+        hostile(lambda r: r.methods[0].params.update({"window": HUGE})),
+        hostile(lambda r: r.methods[0].params.update({"baseline": "9" * 100_000})),
+        hostile(lambda r: r.mask.params.update({HUGE: HUGE})),
+        hostile(lambda r: r.mask.params.update({"percentile": HUGE})),
+        hostile(lambda r: r.target_classes.extend([2**31 - 1] * 10_000)),
+        hostile(lambda r: r.methods.add(method=2**31 - 1)),
+        hostile(lambda r: r.scores.append(2**31 - 1)),
+        hostile(lambda r: setattr(r, "map_encoding", 2**31 - 1)),
+        hostile(lambda r: r.image.CopyFrom(pb.Image(tensor=pb.Tensor(shape=[9] * 50_000)))),
+        hostile(lambda r: r.image.CopyFrom(pb.Image(encoded=HUGE.encode()))),
+    ],
+)
+def test_every_message_is_short_and_free_of_internals(
+    explainer: Explainer, bad: pb.ExplainRequest
+) -> None:
+    """Finding 10: a 100,000-character value made the status exceed the metadata limit.
+    Messages echo at most ~100 characters of any input and no Python internals."""
+    [reply] = explainer.explain_batch([bad])
+    assert reply.error.code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"), reply.error
+    assert len(reply.error.message) < 400, reply.error.message
+    for internal in ("object at 0x", "Traceback", "Error:", "<class"):
+        assert internal not in reply.error.message
+
+
 def mask_of(explainer: Explainer, options: pb.MaskOptions) -> np.ndarray:
     [reply] = explainer.explain_batch([request("vanilla_gradient", mask=options)])
     assert not reply.error.code, reply.error.message
