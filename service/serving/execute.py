@@ -40,6 +40,11 @@ def groups(jobs: list[Job]) -> list[Group]:
     return list(found.values())
 
 
+def members(group: Group) -> list[Job]:
+    """The group's jobs, each once (a job explaining several targets is there for each)."""
+    return list({id(job): job for job, _ in group}.values())
+
+
 def shared_failure(jobs: list[Job], exc: Exception) -> bool:
     """After shared work raised ``exc``: True when the caller should retry each job alone.
 

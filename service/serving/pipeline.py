@@ -10,6 +10,7 @@ engine call per method/parameters/seed group, then scores), ``replies`` (message
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -70,7 +71,8 @@ class Explainer:
         return [Job(request=r, deadline=d) for r, d in zip(requests, deadlines, strict=True)]
 
     def run(self, jobs: list[Job]) -> Iterator[Event]:
-        """Do all the work of ``jobs``, yielding each result as soon as it exists."""
+        """Do all the work of ``jobs``, yielding each result as soon as it exists: a job's
+        ``done`` event as soon as its own work is over, not at the end of the batch."""
         self._plan(jobs)
         self._decode(jobs)
         self._forward(jobs)
@@ -84,10 +86,20 @@ class Explainer:
                     job.fail(exc)
                     continue
                 yield Event(EventKind.PREDICTION, job, prediction)
-        for group in execute.groups(jobs):
-            yield from execute.explain_group(self.replies, group)
+        # A job is done once its last group is: its reply need not wait for the others'
+        # work (a host may send it at once), and one that failed before any work is done
+        # before any group starts.
+        groups = execute.groups(jobs)
+        left = Counter(id(job) for group in groups for job in execute.members(group))
         for job in jobs:
-            yield Event(EventKind.DONE, job, self.replies.response(job))
+            if not left[id(job)]:
+                yield Event(EventKind.DONE, job, self.replies.response(job))
+        for group in groups:
+            yield from execute.explain_group(self.replies, group)
+            for job in execute.members(group):
+                left[id(job)] -= 1
+                if not left[id(job)]:
+                    yield Event(EventKind.DONE, job, self.replies.response(job))
 
     def _plan(self, jobs: list[Job]) -> None:
         for job in jobs:
