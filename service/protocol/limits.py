@@ -29,8 +29,9 @@ class Limits:
             many times over and the exhaustive settings people use (RISE with 8,192
             masks, occlusion at stride 1 on 224 px, Sobol with 512 designs on Fel et al.'s
             11x11 grid), and refuses what would hold a worker for many minutes.
-        max_backward_rows: gradient rows (forward + backward) of one request: SmoothGrad
-            or Integrated Gradients at their 1,024 maximum, for several targets.
+        max_backward_rows: gradient rows (forward + backward) of one request: Integrated
+            Gradients at its 1,024-step maximum for several targets, SmoothGrad with
+            hundreds of samples for several targets.
         max_memory_bytes: the largest parameter-shaped buffers one request may hold at
             once (noise, masks, designs): 512 MiB, so two workers of a 4 GiB pod stay
             far from its limit whatever their requests ask.

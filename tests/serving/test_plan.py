@@ -62,9 +62,9 @@ def no_model_work(explainer: Explainer, monkeypatch: pytest.MonkeyPatch) -> list
         (with_params("occlusion", stride="0"), "must be >= 1"),  # finding 12's request
         (with_params("integrated_gradients", blur_sigma="inf"), "finite"),  # finding 4
         (with_params("integrated_gradients", blur_sigma="1e308"), "<= 4096"),  # was INTERNAL
-        (with_params("rise", n_masks="2147483648"), "<= 8192"),  # finding 4: 512 GB asked
-        (with_params("sobol", n_designs="2147483648"), "<= 1024"),
-        (with_params("sobol", grid_size="128"), "<= 16"),  # finding 4: SobolEngine's limit
+        (with_params("rise", n_masks="2147483648"), "<= 65536"),  # finding 4: 512 GB asked
+        (with_params("sobol", n_designs="2147483648"), "<= 16384"),
+        (with_params("sobol", grid_size="128"), "<= 32"),  # finding 4: SobolEngine's limit
         (with_params("integrated_gradients", n_steps="1e3"), "integer"),
         (request(mask=pb.MaskOptions(kind=pb.MASK_KIND_GRABCUT, background_quantile=0.99)), "<"),
     ],
@@ -103,6 +103,16 @@ def test_a_request_over_the_cost_budget_fails_before_any_decode_or_forward(
     assert "budget is 65,536 forwards (SALIENCY_LIMIT_MAX_FORWARDS)" in refused.error.message
     assert no_model_work == ["decode", "forward"]  # the served request's only
     assert not served.error.code and len(served.explanations) == 1
+
+
+def test_the_cost_message_says_what_to_change(explainer: Explainer) -> None:
+    [refused] = explainer.explain_batch([with_params("sobol", n_designs="16384", grid_size="11")])
+    assert refused.error.code == "RESOURCE_EXHAUSTED"
+    assert refused.error.message == (
+        "sobol (grid_size=11, n_designs=16384) costs 2,015,232 forwards; the per-request "
+        "budget is 65,536 forwards (SALIENCY_LIMIT_MAX_FORWARDS): ask for fewer samples, "
+        "steps or explanations"
+    )
 
 
 def test_memory_shaped_parameters_are_held_to_the_memory_budget(explainer: Explainer) -> None:

@@ -23,8 +23,9 @@ from service.protocol.errors import InvalidInputError
 
 SUBSTRATES = ("blur", "zero")
 PARAMS = (
-    # The masks are drawn up front (n_masks x grid x grid): the bound keeps that small.
-    Param("n_masks", "int", 1024, "Monte-Carlo samples (random masks)", minimum=1, maximum=8192),
+    # The masks are drawn up front (n_masks x grid x grid): the per-request budget bounds
+    # that memory and the forwards (see cost below); 2**16 is the budget's forwards.
+    Param("n_masks", "int", 1024, "Monte-Carlo samples (random masks)", minimum=1, maximum=2**16),
     Param("grid_size", "int", 8, "cells per side of the random grid", minimum=1, maximum=64),
     Param(
         "p_keep",

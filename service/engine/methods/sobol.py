@@ -31,15 +31,18 @@ from service.protocol.errors import InvalidInputError
 PERTURBATIONS = ("inpainting", "blurring")
 PARAMS = (
     # The design holds n_designs * (grid_size**2 + 2) rows of grid_size**2 cells, and each
-    # row costs one forward per image: the bounds keep both within reach.
-    Param("grid_size", "int", 8, "cells per side of the grid", minimum=1, maximum=16),
+    # row costs one forward per image: what a request may ask is the per-request budget's
+    # call (see cost below). The bounds are the method's own: SobolEngine draws at most
+    # 21,201 dimensions (2 * cells: grid 102), and 2**14 designs at the smallest grid is
+    # already ~50,000 forwards.
+    Param("grid_size", "int", 8, "cells per side of the grid", minimum=1, maximum=32),
     Param(
         "n_designs",
         "int",
         32,
         "points of each quasi-Monte Carlo matrix (a power of two)",
         minimum=2,
-        maximum=1024,
+        maximum=2**14,
     ),
     # Blurring by default: on the default model, inpainting towards black (the paper's
     # default) scored 0.25 on the pointing game against 0.94 for blurring
