@@ -1,9 +1,9 @@
 """The worker's side of TorchServe 0.12, real, and a model of its Java frontend's rules.
 
-``Frontend.handle`` runs the handler the way ``ts/service.py`` does: a real ``Context``,
-the handler's intermediate messages caught from ``send_intermediate_predict_response``,
-and the final message written by TorchServe's own ``create_predict_response`` from
-``context.request_ids`` and the returned list. ``survives`` then replays every message
+``handle`` runs a batch through TorchServe's own ``ts.service.Service.predict`` (the
+code its worker runs): the batch in the frontend's wire form, the intermediate messages
+caught on the worker's socket, the final message as ``predict`` writes it from
+``context.request_ids`` and the handler's list. ``Batch.survives`` then replays every message
 through the rules ``GRPCJob``, ``RestJob`` and ``BatchAggregator`` apply (see
 ``handlers/outbox.py``); a sequence that would throw there is a failed assertion here.
 The real frontend is exercised in ``tests/integration/test_worker_safety.py``.
@@ -16,8 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import ts
 from ts.context import Context, RequestProcessor
-from ts.protocol.otf_message_handler import create_predict_response
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.service import Service
 
 from handlers.saliency_handler import SaliencyHandler
 
@@ -93,7 +95,6 @@ class Batch:
 
     calls: list[Call]
     messages: list[list[Part]] = field(default_factory=list)
-    returned: list[Any] = field(default_factory=list)
 
     def of(self, index: int) -> list[Part]:
         """Everything request ``index`` received, in order."""
@@ -129,15 +130,39 @@ class Batch:
                 assert flags in ([None], []) or (flags[-1] == "false" and "true" in flags)
 
 
+HTTP_HEADERS = [{"name": b"Host", "value": b"127.0.0.1:8080"}]
+
+
+def wire_batch(items: list[dict[str, Any]], calls: list[Call]) -> list[dict[str, Any]]:
+    """The batch as the frontend encodes it: an HTTP request brings its HTTP headers."""
+    batch = []
+    for index, (item, call) in enumerate(zip(items, calls, strict=True)):
+        parameters = [
+            {"name": name, "value": value, "contentType": None} for name, value in item.items()
+        ]
+        entry = {"requestId": f"request-{index}".encode(), "parameters": parameters}
+        if call == "http":
+            entry["headers"] = HTTP_HEADERS
+        batch.append(entry)
+    return batch
+
+
 def handle(
     handler: SaliencyHandler, model_dir: Path, items: list[dict[str, Any]], calls: list[Call]
 ) -> Batch:
-    """Run one batch as ``ts/service.py`` does and decode what reached the frontend."""
-    ctx = context(model_dir, calls)
-    returned = handler.handle(items, ctx)
-    assert len(returned) == len(items)  # ts/service.py refuses anything else
-    final = create_predict_response(returned, ctx.request_ids, "Prediction success", 200, ctx)
-    sent = [*ctx.cl_socket.sent, final]  # type: ignore[attr-defined]
-    batch = Batch(calls, [decode(m, i) for i, m in enumerate(sent)], list(returned))
+    """Run one batch as TorchServe's worker does and decode what reached the frontend."""
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    service = Service("tiny", str(model_dir), None, handler.handle, None, len(items), True, metrics)
+    socket = Socket()
+    service.set_cl_socket(socket)
+    final = service.predict(wire_batch(items, calls))
+    sent = [*socket.sent, final]
+    batch = Batch(calls, [decode(m, i) for i, m in enumerate(sent)])
+    assert decode_code(final) == 200, "the handler failed its whole batch"
     batch.survives()
     return batch
+
+
+def decode_code(message: bytes) -> int:
+    return int(struct.unpack_from("!i", message, 0)[0])
