@@ -170,10 +170,6 @@ class Outbox:
                 self.context.set_response_header(slot.index, STREAM_NEXT, "false")
         return [b"" if reply is None else reply for reply in replies]
 
-    def pending(self) -> int:
-        """Requests whose reply has not gone yet."""
-        return sum(not slot.gone for slot in self.slots)
-
     def _send(self, index: int, payload: Reply) -> None:
         request_id = self.context.request_ids[index]
         self.send(
