@@ -215,18 +215,24 @@ def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
     watched: Logs, ts_stub: ts_grpc.InferenceAPIsServiceStub, samples
 ) -> None:  # type: ignore[no-untyped-def]
     """Finding 12: an occlusion request with stride 0, batched with Sobol, got its answer
-    only when Sobol's batch finished. One worker is kept busy first, so the slow request,
-    the invalid one and a Predict all go to the other worker in one batch (20 ms window);
-    the invalid one and the Predict must be answered while the slow one still works."""
+    only when Sobol's batch finished. One worker is kept busy first, so the other takes
+    the next four requests as one batch (4 within its 20 ms window): a slow unary call, a
+    slow stream, the invalid request and a Predict. The last two must be answered while
+    the slow ones still work, and the stream still gets its parts and its end."""
     image = samples[7][0]
     slow = explain_request(image, "sobol", top_k=3).SerializeToString()
     invalid = explain_request(image, "occlusion")
     invalid.methods[0].params["stride"] = "0"
     predict = pb.PredictRequest(image=pb.Image(encoded=image)).SerializeToString()
     finished: list[str] = []
+    stream_parts: list[pb.ExplainStreamResponse] = []
 
     def call(name: str, request: ts_pb.PredictionsRequest) -> None:
-        ts_stub.Predictions(request, timeout=60)
+        if name == "stream":
+            for reply in ts_stub.StreamPredictions(request, timeout=60):
+                stream_parts.append(pb.ExplainStreamResponse.FromString(reply.prediction))
+        else:
+            ts_stub.Predictions(request, timeout=60)
         finished.append(name)
 
     unary = {"stream": "false"}  # as the gateway says of a unary call
@@ -240,6 +246,7 @@ def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
         threading.Thread(target=call, args=(name, request))
         for name, request in (
             ("slow", ts_input("request", slow, deadline_unix_ms=in_ms(6), **unary)),
+            ("stream", ts_input("request", slow, deadline_unix_ms=in_ms(6), stream="true")),
             ("invalid", ts_input("request", invalid.SerializeToString(), **unary)),
             ("predict", ts_input("predict", predict, **unary)),
         )
@@ -248,8 +255,10 @@ def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
         thread.start()
     for thread in [busy, *threads]:
         thread.join()
-    assert finished.index("invalid") < finished.index("slow"), finished
-    assert finished.index("predict") < finished.index("slow"), finished
+    for quick in ("invalid", "predict"):
+        assert finished.index(quick) < min(finished.index("slow"), finished.index("stream"))
+    assert event_kind(stream_parts[0]) is EventKind.PREDICTION
+    assert stream_parts[-1].summary.error.code == "DEADLINE_EXCEEDED"
 
 
 def test_the_http_json_path_still_gets_whole_replies(
