@@ -294,3 +294,29 @@ def test_an_exported_program_alone_serves_gradient_methods(tiny_model_dir, tmp_p
     assert cam.error.code == "FAILED_PRECONDITION"
     available = {m.name: m.available for m in exported.model_info().methods}
     assert available["vanilla_gradient"] and not available["grad_cam"]
+
+
+def test_a_photo_stored_sideways_is_explained_upright(explainer: Explainer) -> None:
+    """Finding 9: EXIF orientation 6 (a phone's portrait photo) was explained sideways.
+
+    The explanation of the tagged JPEG equals that of the upright picture sent losslessly
+    (maps, masks and boxes in the frame the user sees)."""
+    stored_buffer = io.BytesIO()
+    Image.fromarray(PICTURE).save(stored_buffer, format="JPEG", quality=95)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    tagged_buffer = io.BytesIO()
+    Image.fromarray(PICTURE).save(tagged_buffer, format="JPEG", quality=95, exif=exif.tobytes())
+    as_stored = np.asarray(Image.open(stored_buffer).convert("RGB"))
+    upright = np.ascontiguousarray(np.rot90(as_stored, -1))  # what a viewer shows
+    methods = ("vanilla_gradient", "grad_cam")
+    tagged = request(*methods, top_k=2)
+    tagged.image.encoded = tagged_buffer.getvalue()
+    plain = request(*methods, top_k=2)
+    plain.image.encoded = png(upright)
+    [a, b] = explainer.explain_batch([tagged, plain])
+    assert not a.error.code and not b.error.code
+    assert [p.index for p in a.predictions] == [p.index for p in b.predictions]
+    for x, y in zip(a.explanations, b.explanations, strict=True):
+        assert (x.map.height, x.map.width) == (40, 50)  # PICTURE is 50 x 40, stored
+        assert x.map == y.map and x.mask == y.mask and x.box == y.box
