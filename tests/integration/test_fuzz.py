@@ -36,11 +36,6 @@ def own_stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield s
 
 
-@pytest.mark.xfail(
-    reason="finding 1 (h11-worker): an invalid ExplainStream request crashes TorchServe's "
-    "frontend (NPE at GRPCJob.java:141) and kills the worker; remove once the handler fix lands",
-    strict=True,
-)
 def test_fuzzed_requests_get_clear_statuses_and_serving_goes_on(
     own_stack: Stack, samples: list[tuple[bytes, int, object]]
 ) -> None:
