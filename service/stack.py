@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from service.gateway.server import Gateway, GatewayConfig, start_gateway
 from service.launcher import TorchServe, TorchServePorts
 
@@ -143,6 +145,29 @@ def running_gateway(
     )
     with gateway_in_thread(config) as gateway:
         yield RunningGateway(gateway)
+
+
+class _Key(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds TorchServe's inference key to every call."""
+
+    def __init__(self, torchserve: TorchServe) -> None:
+        self.torchserve = torchserve
+
+    def _with_key(self, details: Any) -> Any:
+        key = ("authorization", f"Bearer {self.torchserve.key('inference')}")
+        return details._replace(metadata=(*(details.metadata or ()), key))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+def torchserve_channel(torchserve: TorchServe) -> grpc.Channel:
+    """A blocking channel to TorchServe's gRPC inference API that sends its key, for the
+    callers that talk to TorchServe directly (tests of the handler, benchmarks)."""
+    return grpc.intercept_channel(grpc.insecure_channel(torchserve.grpc_address), _Key(torchserve))
 
 
 def gateway_options(torchserve: TorchServe) -> dict[str, Any]:

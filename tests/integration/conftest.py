@@ -36,6 +36,15 @@ def stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="session")
+def scratch_stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second whole stack for the tests that hurt it (kill or freeze workers, fuzz): what
+    they break fails them, not the tests that run after them on the session's stack."""
+    run_dir = tmp_path_factory.mktemp("ts-scratch")
+    with running_stack(model_store, {"shapes": "shapes.mar"}, run_dir) as started:
+        yield started
+
+
+@pytest.fixture(scope="session")
 def small_torchserve(
     model_store: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TorchServe]:

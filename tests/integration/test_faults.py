@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.chaos.load import stream_burst
 from service.client import SaliencyClient, explain_request
 from service.launcher import TorchServe
-from service.stack import RunningGateway, gateway_options, running_gateway
+from service.stack import Stack, gateway_options, running_gateway
 
 pytestmark = pytest.mark.integration
 Samples = list[tuple[bytes, int, object]]
@@ -83,10 +83,11 @@ def test_a_full_torchserve_queue_is_a_retryable_resource_exhausted(
 
 
 def test_killing_a_worker_under_load_loses_no_request(
-    torchserve: TorchServe, gateway: RunningGateway, samples: Samples
+    scratch_stack: Stack, samples: Samples
 ) -> None:
     """Finding 8 (a dead worker: INTERNAL or RESOURCE_EXHAUSTED with a Java class name) and
     "faults cost no answers": 8 clients, one explain worker SIGKILLed mid-run."""
+    torchserve, gateway = scratch_stack.torchserve, scratch_stack.gateway
     before = worker_pids(torchserve, "shapes")
     retries = gateway.gateway.upstream.retries
     failures: list[str] = []
@@ -121,9 +122,10 @@ def test_killing_a_worker_under_load_loses_no_request(
 
 
 @pytest.fixture
-def stopped_predict_pool(torchserve: TorchServe) -> Iterator[list[int]]:
+def stopped_predict_pool(scratch_stack: Stack) -> Iterator[list[int]]:
     """The forward-only pool's workers frozen (SIGSTOP): alive for the OS and for TorchServe's
     management API, answering nothing. Thawed after the test."""
+    torchserve = scratch_stack.torchserve
     pids = worker_pids(torchserve, "shapes--predict")
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)
@@ -135,9 +137,10 @@ def stopped_predict_pool(torchserve: TorchServe) -> Iterator[list[int]]:
 
 
 def test_health_is_not_serving_while_no_worker_can_answer(
-    torchserve: TorchServe, stopped_predict_pool: list[int]
+    scratch_stack: Stack, stopped_predict_pool: list[int]
 ) -> None:
     """Finding 2: health said SERVING with no live worker, on the management API's word."""
+    torchserve = scratch_stack.torchserve
     options = {**gateway_options(torchserve), "health_stale_after_s": 2.0}
     with (
         running_gateway(

@@ -2,16 +2,14 @@
 stack (``bench.chaos.fuzz``; the >= 5,000-request run is in ``make bench``).
 
 No answer may be INTERNAL, UNKNOWN or UNAVAILABLE, carry an unbounded message or echo a
-huge input; no worker may die; and a normal request is served after. The run has a stack
-of its own: what it finds (a worker it kills) must fail this test, not the ones after it.
+huge input; no worker may die; and a normal request is served after. It runs on the
+scratch stack: what it finds (a worker it kills) must fail this test, not the ones after it.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +17,7 @@ import pytest
 from bench.chaos.fuzz import Fuzzer, call, verdict
 from service.client import SaliencyClient
 from service.protocol.limits import MAX_MESSAGE_BYTES
-from service.stack import Stack, running_stack
+from service.stack import Stack
 from tests.integration.test_faults import worker_pids
 
 pytestmark = pytest.mark.integration
@@ -29,17 +27,10 @@ TIMEOUT_S = 2.0  # every call has a deadline: no call can hang the run
 CLIENTS = 8
 
 
-@pytest.fixture(scope="module")
-def own_stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    run_dir = tmp_path_factory.mktemp("ts-fuzz")
-    with running_stack(model_store, {"shapes": "shapes.mar"}, run_dir, predict_workers=1) as s:
-        yield s
-
-
 def test_fuzzed_requests_get_clear_statuses_and_serving_goes_on(
-    own_stack: Stack, samples: list[tuple[bytes, int, object]]
+    scratch_stack: Stack, samples: list[tuple[bytes, int, object]]
 ) -> None:
-    torchserve, address = own_stack.torchserve, own_stack.gateway.address
+    torchserve, address = scratch_stack.torchserve, scratch_stack.gateway.address
     workers = {name: worker_pids(torchserve, name, ready=False) for name in torchserve.registered}
     with SaliencyClient(address) as client:
         cases = Fuzzer(client.model_info(), [s[0] for s in samples], SEED).cases(COUNT)
