@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--fuzz", type=int, default=5000)
     parser.add_argument("--soak-minutes", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--keep", type=Path, help="keep TorchServe's run directories (logs) here")
     parser.add_argument(
         "--only",
         default="fuzz,kill,burst,soak,serve",
@@ -57,7 +58,8 @@ def main() -> None:
     sections: list[tuple[str, list[str]]] = []
     figures: runs.Figures = {}
     began = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="chaos-") as scratch:
+        tmp = args.keep or Path(scratch)
         store = Path(tmp) / "store"
         build_default_archive(store)
         with running_torchserve(store, {"shapes": "shapes.mar"}, Path(tmp) / "ts") as ts:

@@ -137,8 +137,27 @@ def java_of(pid: int) -> psutil.Process:
 
 
 def worker_pids(torchserve: TorchServe, model: str) -> list[int]:
+    """The pids of the model's workers that run: TorchServe lists a worker whose process
+    died (and that it failed to restart) as it was, READY."""
     described = torchserve.management("GET", f"/models/{model}")[0]
-    return [w["pid"] for w in described["workers"] if w["status"] == "READY"]
+    return sorted(w["pid"] for w in described["workers"] if _running(w["pid"]))
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def listed_workers(torchserve: TorchServe) -> dict[str, list[int]]:
+    """Every model's listed worker pids, running or not (a restart changes them)."""
+    return {
+        name: sorted(
+            w["pid"] for w in torchserve.management("GET", f"/models/{name}")[0]["workers"]
+        )
+        for name in torchserve.registered
+    }
 
 
 def serving(address: str, service: str = API) -> bool:

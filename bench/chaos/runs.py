@@ -20,6 +20,7 @@ from bench.chaos.load import Tally, run_clients, stream_burst
 from bench.chaos.processes import (
     gateway_process,
     java_of,
+    listed_workers,
     rss_mb,
     serve_process,
     serving,
@@ -59,7 +60,7 @@ class PeakMemory:
 def fuzz(torchserve: TorchServe, images: Sequence[bytes], count: int, seed: int) -> Section:
     with gateway_process(torchserve) as (_, address), SaliencyClient(address) as client:
         info = client.model_info(timeout=60)
-        workers = {name: worker_pids(torchserve, name) for name in torchserve.registered}
+        workers = listed_workers(torchserve)
         cases = Fuzzer(info, images, seed).cases(count)
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         start = time.monotonic()
@@ -111,9 +112,12 @@ def worker_kill(torchserve: TorchServe, images: Sequence[bytes], seconds: float)
     def killer() -> None:
         for at, pool in ((seconds * 0.2, "shapes"), (seconds * 0.5, "shapes--predict")):
             time.sleep(max(at - (time.monotonic() - began), 0))
-            pid = worker_pids(torchserve, pool)[0]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(f"{pool} worker {pid} at {time.monotonic() - began:.0f} s")
+            running = worker_pids(torchserve, pool)
+            if not running:
+                killed.append(f"no running {pool} worker to kill")
+                continue
+            os.kill(running[0], signal.SIGKILL)
+            killed.append(f"{pool} worker {running[0]} at {time.monotonic() - began:.0f} s")
 
     with gateway_process(torchserve) as (_, address):
         began = time.monotonic()
@@ -121,17 +125,26 @@ def worker_kill(torchserve: TorchServe, images: Sequence[bytes], seconds: float)
         thread.start()
         run_clients(address, images, clients=8, seconds=seconds, tally=tally)
         thread.join()
+        time.sleep(15)  # a restart takes seconds; longer means TorchServe lost the worker
+        restored = {pool: len(worker_pids(torchserve, pool)) for pool in torchserve.registered}
     errors = len(tally.errors)
+    whole = all(n == 2 for n in restored.values())
     lines = [
         f"8 clients (Explain then Predict, in a loop) for {seconds:.0f} s; SIGKILL to "
         + "; ".join(killed)
         + ".",
         "",
-        f"Calls: {dict(tally.total())}; client-visible errors: {errors}.",
+        f"Calls: {dict(tally.total())}; client-visible errors: {errors}. Running workers "
+        f"15 s after the run: {restored}.",
         *(f"- {e}" for e in tally.errors[:10]),
     ]
     return lines, {
-        "worker kill under 8 clients: client-visible errors": (str(errors), "0", errors == 0)
+        "worker kill under 8 clients: client-visible errors": (str(errors), "0", errors == 0),
+        "worker kill under 8 clients: pools whole again 15 s after": (
+            "yes" if whole else "no",
+            "yes",
+            whole and len(killed) == 2 and "no running" not in " ".join(killed),
+        ),
     }
 
 
