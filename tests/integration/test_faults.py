@@ -17,19 +17,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.chaos.load import stream_burst
+from bench.chaos.processes import worker_pids
 from service.client import SaliencyClient, explain_request
 from service.launcher import TorchServe
 from service.stack import Stack, gateway_options, running_gateway
 
 pytestmark = pytest.mark.integration
 Samples = list[tuple[bytes, int, object]]
-
-
-def worker_pids(torchserve: TorchServe, model: str, *, ready: bool = True) -> list[int]:
-    """What the management API says about the model's workers: their pids (``ready``: of
-    those it calls READY, which a worker briefly is not between two batches)."""
-    described = torchserve.management("GET", f"/models/{model}")[0]
-    return sorted(w["pid"] for w in described["workers"] if not ready or w["status"] == "READY")
 
 
 def eventually(check: Callable[[], bool], timeout: float = 120.0, pause: float = 0.1) -> float:
@@ -158,8 +152,10 @@ def test_health_is_not_serving_while_no_worker_can_answer(
         eventually(lambda: status("shapes/predict") == NOT_SERVING, timeout=30)
         assert status("") == status("shapes") == NOT_SERVING
         assert status("shapes/explain") == health_pb2.HealthCheckResponse.SERVING
-        # What the old check believed: every frozen worker READY.
-        assert sorted(worker_pids(torchserve, "shapes--predict")) == sorted(stopped_predict_pool)
+        # What the old check believed: every frozen worker READY (and running, for the OS).
+        described = torchserve.management("GET", "/models/shapes--predict")[0]["workers"]
+        assert {w["status"] for w in described} == {"READY"}
+        assert worker_pids(torchserve, "shapes--predict") == sorted(stopped_predict_pool)
         for pid in stopped_predict_pool:
             os.kill(pid, signal.SIGCONT)
         eventually(lambda: status("") == health_pb2.HealthCheckResponse.SERVING, timeout=60)
