@@ -186,10 +186,17 @@ class MaskSpec(Member):
 
 @dataclass(frozen=True)
 class ScoreSpec(Member):
-    """A faithfulness score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64
-    ``(N,)``; ``higher_is_better`` says which way a faithful map moves it."""
+    """A score of a map: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64 ``(N,)``.
+
+    Attributes:
+        higher_is_better: which way a faithful (or stable) map moves it.
+        needs_explainer: the score re-runs the explanation method on other inputs
+            (stability), through the ``explain`` callable its host passes in
+            ``ScoreContext``; the others need the forward only.
+    """
 
     higher_is_better: bool
+    needs_explainer: bool
 
 
 METHODS: Registry[MethodSpec] = Registry(
@@ -262,8 +269,9 @@ def register_score(
     paper: str,
     higher_is_better: bool,
     params: tuple[Param, ...] = (),
+    needs_explainer: bool = False,
 ) -> Callable[[FnT], FnT]:
-    """Decorator that adds a faithfulness score under ``name``."""
+    """Decorator that adds a score under ``name``."""
     return _register(
         SCORES,
         ScoreSpec,
@@ -272,6 +280,7 @@ def register_score(
         description=description,
         paper=paper,
         higher_is_better=higher_is_better,
+        needs_explainer=needs_explainer,
         validate=None,
     )
 

@@ -54,6 +54,8 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     """Average of random smooth masks weighted by the target probability (Petsiuk et al. 2018)"""
     METHOD_SOBOL: _Method.ValueType  # 11
     """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
+    METHOD_SMOOTH_GRAD_CAM_PP: _Method.ValueType  # 12
+    """Grad-CAM++ with its derivative terms averaged over noisy copies of the input (Omeiza et al. 2019, Smooth Grad-CAM++)"""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """BEGIN GENERATED Method (make protos renders this block from service.engine.registry)"""
@@ -82,6 +84,8 @@ METHOD_RISE: Method.ValueType  # 10
 """Average of random smooth masks weighted by the target probability (Petsiuk et al. 2018)"""
 METHOD_SOBOL: Method.ValueType  # 11
 """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
+METHOD_SMOOTH_GRAD_CAM_PP: Method.ValueType  # 12
+"""Grad-CAM++ with its derivative terms averaged over noisy copies of the input (Omeiza et al. 2019, Smooth Grad-CAM++)"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _MapEncoding:
