@@ -79,7 +79,7 @@ def test_one_bad_item_of_each_kind_fails_alone(
         {"predict": pb.PredictRequest(image=pb.Image(encoded=png()), top_k=2).SerializeToString()},
         {"predict": b"\xff\xff\xff"},
         {"model_info": b""},
-        {"data": png(), "methods": b"grad_cam,lime"},
+        {"data": png(), "methods": b"grad_cam,deconvnet"},
         {"data": png(), "mask": b"grabcut", "top_k": b"2"},
         {"nothing": b""},
         explain_item("grad_cam"),
@@ -100,7 +100,10 @@ def test_one_bad_item_of_each_kind_fails_alone(
     assert pb.PredictResponse.FromString(replies[6]).error.code == "INVALID_ARGUMENT"
     assert [m.name for m in pb.ModelInfo.FromString(replies[7]).methods] == sorted(METHODS.names())
     bad_json = json.loads(replies[8])["error"]
-    assert bad_json["code"] == "INVALID_ARGUMENT" and "unknown method 'lime'" in bad_json["message"]
+    assert (
+        bad_json["code"] == "INVALID_ARGUMENT"
+        and "unknown method 'deconvnet'" in bad_json["message"]
+    )
     assert "vanilla_gradient" in bad_json["message"]  # the known names are listed
     good_json = json.loads(replies[9])
     assert len(good_json["explanations"]) == 2 and good_json["explanations"][0]["mask"]["png"]

@@ -56,6 +56,10 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
     METHOD_SMOOTH_GRAD_CAM_PP: _Method.ValueType  # 12
     """Grad-CAM++ with its derivative terms averaged over noisy copies of the input (Omeiza et al. 2019, Smooth Grad-CAM++)"""
+    METHOD_KERNEL_SHAP: _Method.ValueType  # 13
+    """Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
+    METHOD_LIME: _Method.ValueType  # 14
+    """Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """BEGIN GENERATED Method (make protos renders this block from service.engine.registry)"""
@@ -86,6 +90,10 @@ METHOD_SOBOL: Method.ValueType  # 11
 """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
 METHOD_SMOOTH_GRAD_CAM_PP: Method.ValueType  # 12
 """Grad-CAM++ with its derivative terms averaged over noisy copies of the input (Omeiza et al. 2019, Smooth Grad-CAM++)"""
+METHOD_KERNEL_SHAP: Method.ValueType  # 13
+"""Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
+METHOD_LIME: Method.ValueType  # 14
+"""Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _MapEncoding:
