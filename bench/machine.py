@@ -1,4 +1,5 @@
-"""What every benchmark needs about the machine it runs on: the CPU's name and OpenMP policy."""
+"""What every benchmark shares: the machine's description, its OpenMP policy, the report file
+and the command-line options of the timed suites."""
 
 from __future__ import annotations
 
@@ -64,3 +65,27 @@ def rerun_with_omp_policy(module: str, policy: str, argv: list[str] | None) -> i
     env = {**os.environ, "OMP_WAIT_POLICY": wanted}
     command = [sys.executable, "-m", module, *(sys.argv[1:] if argv is None else argv)]
     return subprocess.run(command, env=env, check=False).returncode
+
+
+def parse_suite_args(
+    parser: argparse.ArgumentParser, module: str, results: Path, argv: list[str] | None
+) -> tuple[argparse.Namespace, int | None]:
+    """Add the options every timed suite has, parse, and rerun under another OpenMP policy.
+
+    The options: ``--out`` (the results file, ``results`` by default), ``--strict`` (exit 1
+    when a bar is missed) and ``--omp-wait-policy``.
+
+    Returns:
+        ``(args, None)`` to measure in this process, or ``(args, exit code)`` of the
+        fresh interpreter that ran ``module`` with the policy asked for.
+    """
+    parser.add_argument("--out", type=Path, default=results)
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a bar is missed")
+    add_omp_policy_argument(parser)
+    args = parser.parse_args(argv)
+    return args, rerun_with_omp_policy(module, args.omp_wait_policy, argv)
+
+
+def exit_code(ok: bool, args: argparse.Namespace) -> int:
+    """1 when a bar was missed under ``--strict``; else 0, so that ``bench.run`` goes on."""
+    return 0 if ok or not args.strict else 1

@@ -27,7 +27,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from captum.attr import Occlusion
 from bench.machine import cpu_model, write_report
 from service.engine.registry import get_method
 from service.engine.types import ExplainContext
+from service.runtime.export import export_onnx
 from service.runtime.onnx_forward import OnnxForward, cpu_quota
 
 RESULTS = Path(__file__).resolve().parent / "results" / "perturbation.md"
@@ -71,20 +71,6 @@ def load_model() -> tuple[torch.nn.Module, int, str]:
         module = Normalized(net, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]).eval()
         reason = type(error).__name__
         return module, synthetic.IMAGE_SIZE, f"SaliencyNet, untrained ({reason} loading default)"
-
-
-def export_onnx(model: torch.nn.Module, size: int, path: Path) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(2, 3, size, size),),
-            str(path),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
 
 
 def bench_image(size: int) -> torch.Tensor:
@@ -124,8 +110,8 @@ def run(repeats: int = 5, chunk_size: int = 32, out: Path = RESULTS) -> bool:
     torch.set_num_threads(threads)
     model, size, model_name = load_model()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, size, path)
+        # The graph a served model runs: the archive's exporter, not a bench-only one.
+        path = export_onnx(model, (3, size, size), Path(tmp) / "model.onnx")
         forward = OnnxForward(path, intra_op_threads=threads, max_batch=chunk_size)
 
     image = bench_image(size)

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 import handlers
+from service.engine.modules import freeze
 from service.runtime.artifacts import META_FILE, ModelMeta, build_eager_net
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 HANDLER = Path(handlers.__file__).parent / "saliency_handler.py"
 DEFAULT_NAME = "shapes"

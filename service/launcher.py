@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,8 +12,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import BinaryIO
+
+import psutil
 
 from service.gateway.upstream import MAX_MESSAGE_BYTES
 
@@ -40,10 +45,19 @@ def _free_port() -> int:
 
 
 def write_config(
-    path: Path, model_store: Path, ports: TorchServePorts, *, bind: str = "127.0.0.1"
+    path: Path,
+    model_store: Path,
+    ports: TorchServePorts,
+    *,
+    bind: str = "127.0.0.1",
+    extra: Mapping[str, object] | None = None,
 ) -> Path:
-    """``config.properties``: localhost only, Prometheus metrics, large enough messages."""
-    lines = {
+    """``config.properties``: localhost only, Prometheus metrics, large enough messages.
+
+    ``extra`` entries are added to (or replace) these, e.g. ``{"enable_model_api": "true"}``
+    for a benchmark that registers models through the management API.
+    """
+    lines: dict[str, object] = {
         "inference_address": f"http://{bind}:{ports.inference}",
         "management_address": f"http://{bind}:{ports.management}",
         "metrics_address": f"http://{bind}:{ports.metrics}",
@@ -58,6 +72,7 @@ def write_config(
         "max_request_size": MAX_MESSAGE_BYTES,
         "max_response_size": MAX_MESSAGE_BYTES,
         "default_response_timeout": 120,
+        **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
@@ -70,21 +85,16 @@ def write_config(
 # lines (start-up, worker state, a few per batch, one appender) and all worker output (the
 # worker logs to stdout, so its logged exceptions arrive at INFO). Requests are counted and
 # timed by the gateway's Prometheus metrics instead of an access log.
+_ROLLING_FILE = """    <RollingFile name="{name}" fileName="${{env:LOG_LOCATION:-logs}}/{name}.log"
+                 filePattern="${{env:LOG_LOCATION:-logs}}/{name}.%i.log.gz">
+      <PatternLayout pattern="%d{{ISO8601}} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+      <DefaultRolloverStrategy max="5"/>
+    </RollingFile>"""
 LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
 <Configuration>
   <Appenders>
-    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%i.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
-    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%i.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>
+{appenders}
   </Appenders>
   <Loggers>
     <Logger name="ACCESS_LOG" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
@@ -99,7 +109,7 @@ LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
     <Root level="warn"><AppenderRef ref="ts_log"/></Root>
   </Loggers>
 </Configuration>
-"""
+""".replace("{appenders}", "\n".join(_ROLLING_FILE.format(name=n) for n in ("ts_log", "model_log")))
 
 
 def write_log_config(path: Path) -> Path:
@@ -110,7 +120,16 @@ def write_log_config(path: Path) -> Path:
 
 
 class TorchServe:
-    """One TorchServe in the foreground of its own process group."""
+    """One TorchServe in the foreground of its own process group.
+
+    Args:
+        model_store: folder of ``.mar`` files.
+        models: served name -> ``.mar`` file name, registered at start.
+        run_dir: its configuration, logs and private temp directory.
+        ports: its five listeners; the DESIGN.md defaults when omitted.
+        config: a ``config.properties`` to use as it is, instead of writing one.
+        settings: extra ``config.properties`` entries for the one written here.
+    """
 
     def __init__(
         self,
@@ -119,13 +138,22 @@ class TorchServe:
         run_dir: Path,
         ports: TorchServePorts | None = None,
         config: Path | None = None,
+        settings: Mapping[str, object] | None = None,
     ) -> None:
         self.model_store = model_store
         self.models = models  # name -> .mar file name
         self.run_dir = run_dir
         self.ports = ports or TorchServePorts()
-        self.config = config or write_config(run_dir / "config.properties", model_store, self.ports)
+        self.config = config or write_config(
+            run_dir / "config.properties", model_store, self.ports, extra=settings
+        )
         self.process: subprocess.Popen[bytes] | None = None
+        self._log: BinaryIO | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        """``host:port`` of its gRPC inference API, what the gateway fronts."""
+        return f"127.0.0.1:{self.ports.grpc_inference}"
 
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -156,9 +184,9 @@ class TorchServe:
             str(write_log_config(self.run_dir / "log4j2.xml")),
             "--model-store",
             str(self.model_store),
-            "--models",
-            *[f"{name}={mar}" for name, mar in self.models.items()],
         ]
+        if self.models:  # none: the management API registers them later
+            command += ["--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
         self._log = (self.run_dir / "torchserve.out").open("ab")
         self.process = subprocess.Popen(
             command,
@@ -170,7 +198,14 @@ class TorchServe:
         )
 
     def ready(self) -> bool:
-        """Every model has a READY worker (TorchServe's management API)."""
+        """The frontend answers, and every model has a READY worker (management API)."""
+        try:  # with no model to ask about, the frontend's answer is the whole question
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ports.management}/models", timeout=2
+            ):
+                pass
+        except (urllib.error.URLError, OSError):
+            return False
         for name in self.models:
             url = f"http://127.0.0.1:{self.ports.management}/models/{name}"
             try:
@@ -194,16 +229,25 @@ class TorchServe:
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.run_dir}/logs")
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # The whole group: the launcher, the Java frontend and its Python workers.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        self._log.close()
+        """Stop the launcher, the Java frontend and its workers; return once all are gone.
+
+        The launcher exits before the frontend has finished shutting down, so waiting for
+        it alone would return while ports are still bound and workers still run.
+        """
+        if self.process is not None and self.process.poll() is None:
+            group = self.process.pid  # its own session: the group id is its pid
+            os.killpg(group, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and (
+                self.process.poll() is None or _group_alive(group)
+            ):
+                time.sleep(0.1)
+            if self.process.poll() is None or _group_alive(group):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
+                self.process.wait()
+        if self._log is not None:  # also after an early exit, which wait_ready reports
+            self._log.close()
 
     def __enter__(self) -> TorchServe:
         self.start()
@@ -211,3 +255,14 @@ class TorchServe:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of process group ``group`` still runs (zombies do not count)."""
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == group and process.info["status"] != psutil.STATUS_ZOMBIE:
+                return True
+        except (OSError, psutil.Error):  # gone between the listing and the question
+            continue
+    return False

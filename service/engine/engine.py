@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from service.engine.layers import find_last_spatial_layer, resolve_layer
+from service.engine.modules import device_and_dtype, freeze
 from service.engine.registry import MethodSpec, ResolvedParams, get_method
 from service.engine.targets import TargetSpec, resolve_targets
 from service.engine.types import Attribution, ExplainContext, NumpyForward
@@ -66,18 +67,14 @@ class Engine:
         self.precision = precision
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {input_shape}")
-        # An exported program's module() refuses eval(); it keeps its exported mode anyway.
-        with contextlib.suppress(NotImplementedError):
-            model.eval()
-        self.model = model.requires_grad_(False)
+        self.model = freeze(model)
         self.input_shape: tuple[int, int, int] = (
             int(input_shape[0]),
             int(input_shape[1]),
             int(input_shape[2]),
         )
         self.forward_numpy = forward_numpy
-        first = next(iter([*model.parameters(), *model.buffers()]), None)
-        self.device = first.device if first is not None else torch.device("cpu")
+        self.device, _ = device_and_dtype(model)
         self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
         if target_layer == AUTO_LAYER:
             target_layer = find_last_spatial_layer(self.model, input_shape)

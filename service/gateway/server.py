@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +116,8 @@ class Gateway:
         await self.server.stop(grace)
         await self.upstream.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+            self._metrics_server.shutdown()  # stops serving; the socket stays bound until
+            self._metrics_server.server_close()  # closed here, not when it is collected
 
 
 async def start_gateway(config: GatewayConfig) -> Gateway:
@@ -132,24 +131,6 @@ async def start_gateway(config: GatewayConfig) -> Gateway:
         config.upstream,
     )
     return gateway
-
-
-@contextlib.contextmanager
-def gateway_in_thread(config: GatewayConfig) -> Iterator[Gateway]:
-    """A started gateway on its own asyncio loop in a daemon thread (tests, benchmarks)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="gateway-loop", daemon=True)
-    thread.start()
-    try:
-        # grpc.aio objects belong to the loop they are made on: make them on this one.
-        gateway = asyncio.run_coroutine_threadsafe(start_gateway(config), loop).result(60)
-        try:
-            yield gateway
-        finally:
-            asyncio.run_coroutine_threadsafe(gateway.stop(grace=1), loop).result(30)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 async def run_gateway(config: GatewayConfig, stop: asyncio.Event | None = None) -> None:

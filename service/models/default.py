@@ -5,6 +5,8 @@ The cache directory holds ``weights.pt`` (the ``SaliencyNet`` state dict) and
 written into a temporary sibling and renamed into place, so a killed run never leaves a
 half-written cache, and training holds an exclusive ``fcntl`` lock, so two processes
 starting at once (a test session and ``make serve``) train only once.
+
+Run ``python -m service.models.default`` to build (or find) the cached default model.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from typing import Any
 
 import torch
 
+from service.engine.modules import freeze
 from service.models import synthetic
 from service.models.net import DEFAULT_TARGET_LAYER, SaliencyNet
 from service.models.train import TrainConfig, train
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 MODEL_NAME = "shapes-cnn"
 WEIGHTS_FILE = "weights.pt"
@@ -174,3 +177,16 @@ def load_default_model(
     state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     return freeze(Normalized(net, meta["mean"], meta["std"])), meta
+
+
+def main() -> None:
+    """Build or find the cached default model and say where it is."""
+    path = ensure_default_model(progress=True)
+    meta = _read_meta(path) or {}
+    print(f"default model: {path}")
+    print(f"held-out accuracy: {meta['held_out_accuracy']:.4f}")
+    print(f"train seconds: {meta['train_seconds']:.1f}")
+
+
+if __name__ == "__main__":
+    main()

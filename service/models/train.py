@@ -4,7 +4,8 @@ Training images are generated on the fly (every step sees new images, so there i
 overfitting to a finite set) by a background thread while torch trains on the previous
 batch; the held-out set comes from seeds that training never uses.
 
-Run ``python -m service.models.train`` to build (or find) the cached default model.
+Training knows nothing of the cache; :mod:`service.models.default` calls it
+(``python -m service.models.default`` builds or finds the cached default model).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from service.engine.modules import freeze
 from service.models import synthetic
 from service.models.net import SaliencyNet
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 ARCH_VERSION = 2  # bump when SaliencyNet changes in a way old weights do not fit
 
@@ -236,18 +238,3 @@ def _fit(cfg: TrainConfig, progress: bool) -> Normalized:
     bar.close()
     model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return model
-
-
-def main() -> None:
-    """Build or find the cached default model and say where it is."""
-    from service.models.default import ensure_default_model
-
-    path = ensure_default_model(progress=True)
-    meta = json.loads((path / "meta.json").read_text())
-    print(f"default model: {path}")
-    print(f"held-out accuracy: {meta['held_out_accuracy']:.4f}")
-    print(f"train seconds: {meta['train_seconds']:.1f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from service.engine.engine import Engine
-from service.engine.optimize import choose_chunk_size, optimize_for_inference
+from service.engine.modules import freeze
 from service.runtime.onnx_forward import OnnxForward
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.optimize import choose_chunk_size, optimize_for_inference
+from service.runtime.wrap import Normalized
 
 META_FILE = "model.json"
 PT2_FILE = "model.pt2"

@@ -105,10 +105,7 @@ def export_artifacts(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     module.eval()
-    # Batch 2, not 1: torch.export specialises sizes 0 and 1, which would pin the batch axis.
-    example = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(seed))
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    dynamic_shapes = ({0: batch},)
+    example, dynamic_shapes = _example_batch(input_shape, seed)
 
     pt2_path = out_dir / PT2_NAME
     with torch.no_grad():
@@ -122,6 +119,39 @@ def export_artifacts(
         module, pt2_path, onnx_path, input_shape, atol, seed, n_checks
     )
     return ExportResult(pt2_path, onnx_path, diff_pt2, diff_onnx)
+
+
+def export_onnx(
+    module: nn.Module, input_shape: tuple[int, int, int], path: Path, *, seed: int = 0
+) -> Path:
+    """Write ``module`` to ``path`` as the archive's ``model.onnx`` is written; no parity check.
+
+    One self-contained file, input ``pixels`` with a dynamic batch axis, output ``logits``,
+    by the same exporter as :func:`export_artifacts`: benchmarks and tests that need only
+    the ONNX forward run the graph a served model runs.
+
+    Args:
+        module: classifier taking float32 ``(N, C, H, W)``; put in eval mode.
+        input_shape: ``(C, H, W)`` of one input.
+        path: the file to write.
+        seed: seed of the example batch the exporter traces.
+
+    Returns:
+        ``path``.
+    """
+    module.eval()
+    example, dynamic_shapes = _example_batch(input_shape, seed)
+    _export_onnx(module, example, dynamic_shapes, Path(path))
+    return Path(path)
+
+
+def _example_batch(
+    input_shape: tuple[int, int, int], seed: int
+) -> tuple[torch.Tensor, tuple[dict[int, Any]]]:
+    """The batch both exporters trace, and its dynamic batch axis."""
+    # Batch 2, not 1: torch.export specialises sizes 0 and 1, which would pin the batch axis.
+    example = torch.rand((2, *input_shape), generator=torch.Generator().manual_seed(seed))
+    return example, ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
 def _export_onnx(

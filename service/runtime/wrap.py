@@ -1,15 +1,11 @@
-"""Wrap a classifier so that it takes pixels in ``[0, 1]``; freeze it for serving."""
+"""Wrap a classifier so that it takes pixels in ``[0, 1]``."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
-from typing import TypeVar
 
 import torch
 from torch import nn
-
-M = TypeVar("M", bound=nn.Module)
 
 
 class Normalized(nn.Module):
@@ -41,20 +37,3 @@ class Normalized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of pixels ``x``: float32 ``(N, C, H, W)`` in ``[0, 1]``."""
         return self.model((x - self.mean) / self.std)
-
-
-def freeze(module: M) -> M:
-    """Put ``module`` in eval mode with every parameter frozen; returns the same object.
-
-    Args:
-        module: any module.
-
-    Returns:
-        ``module`` itself, for chaining.
-    """
-    # An exported program's module() refuses eval() (torch 2.13); it is already in the mode
-    # it was exported in, so there is nothing to switch.
-    with contextlib.suppress(NotImplementedError):
-        module.eval()
-    module.requires_grad_(False)
-    return module

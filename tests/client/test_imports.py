@@ -168,6 +168,7 @@ def test_the_gateway_needs_no_torch_onnxruntime_or_torchserve() -> None:
     run_blocked(
         ("torch", "cv2", "onnxruntime", "onnx", "ts", "PIL"),
         """
-        from service.gateway.server import Gateway, GatewayConfig, gateway_in_thread
+        from service.gateway.server import Gateway, GatewayConfig, run_gateway
+        from service.stack import running_gateway, running_stack
         """,
     )

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from service.runtime.export import export_onnx as export_model_onnx
 from service.runtime.onnx_forward import OnnxForward
 
 SIZE = 24
@@ -81,16 +81,5 @@ def all_hooks(model: nn.Module) -> list[object]:
 
 
 def export_onnx(model: nn.Module, path: Path, size: int) -> OnnxForward:
-    """``model`` exported to ``path`` (dynamic batch) and opened in ONNX Runtime."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            model.eval(),
-            (torch.rand(2, 3, size, size),),
-            str(path),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return OnnxForward(path)
+    """``model`` exported to ``path`` as an archive ships it, opened in ONNX Runtime."""
+    return OnnxForward(export_model_onnx(model, (3, size, size), path))

@@ -15,8 +15,9 @@ from service.engine.cam_layer import CamLayer, tokens_to_map
 from service.engine.errors import UnsupportedMethodError
 from service.engine.layer_finder import find_cam_layer
 from service.engine.layers import capture_activations, find_last_spatial_layer, resolve_layer
+from service.engine.modules import freeze
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, vit_sdpa
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 from tests.engine.nets import all_hooks
 
 SIZE = 64

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from service.engine.engine import Engine
-from service.engine.optimize import optimize_for_inference
 from service.models.synthetic import generate
+from service.runtime.optimize import optimize_for_inference
 from tests.engine.conftest import ModelCase
 
 # method: (min cosine similarity, min IoU of the top 10% pixels), over every image

@@ -24,8 +24,9 @@ from torch import nn
 from service.engine.cam_layer import tokens_to_map
 from service.engine.engine import Engine
 from service.engine.layer_finder import find_cam_layer
+from service.engine.modules import freeze
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, Classifier
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 SIZE = 64  # image side; each half is SIZE x SIZE/2
 PATCH = 8  # the tiny ViTs' patch

@@ -16,9 +16,10 @@ import pytest
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.gateway.server import Gateway, GatewayConfig, gateway_in_thread
+from service.gateway.server import Gateway
 from service.protocol.errors import _CODES
 from service.protocol.names import METHODS
+from service.stack import running_gateway
 from tests.gateway.fake_torchserve import Script, fake_torchserve
 
 MODEL = "tiny"
@@ -33,18 +34,11 @@ def script() -> Script:
 @pytest.fixture
 def gateway(script: Script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
     monkeypatch.setenv("SALIENCY_CANCEL_DIR", str(tmp_path / "cancel"))
-    with fake_torchserve(script) as upstream:
-        config = GatewayConfig(
-            host="127.0.0.1",
-            port=0,
-            metrics_host="127.0.0.1",
-            metrics_port=0,
-            upstream=upstream,
-            models=(MODEL,),
-            health_interval_s=60.0,
-        )
-        with gateway_in_thread(config) as started:
-            yield started
+    with (
+        fake_torchserve(script) as upstream,
+        running_gateway(upstream, [MODEL], health_interval_s=60.0) as started,
+    ):
+        yield started.gateway
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Real TorchServe (Java + Python worker) and the real gateway, started once per session.
 
-Both listen on free loopback ports so a running `make serve` does not get in the way.
+Both come up through ``service.stack`` (as the benchmarks do), on free loopback ports so a
+running `make serve` does not get in the way.
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -12,9 +12,9 @@ import pytest
 
 from service.archive import BatchConfig, build_default_archive
 from service.client import SaliencyClient
-from service.gateway.server import Gateway, GatewayConfig, gateway_in_thread
-from service.launcher import TorchServe, TorchServePorts
+from service.launcher import TorchServe
 from service.models.synthetic import generate
+from service.stack import RunningGateway, Stack, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -28,47 +28,20 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def torchserve(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TorchServe]:
-    server = TorchServe(
-        model_store,
-        {"shapes": "shapes.mar"},
-        tmp_path_factory.mktemp("ts-run"),
-        TorchServePorts.free(),
-    )
-    server.start()
-    try:
-        server.wait_ready(timeout=240)
-        yield server
-    finally:
-        server.stop()
-
-
-@dataclass
-class RunningGateway:
-    gateway: Gateway
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.gateway.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.gateway.metrics_port}/metrics"
+def stack(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    run_dir = tmp_path_factory.mktemp("ts-run")  # kept after the session: its logs
+    with running_stack(model_store, {"shapes": "shapes.mar"}, run_dir) as started:
+        yield started
 
 
 @pytest.fixture(scope="session")
-def gateway(torchserve: TorchServe) -> Iterator[RunningGateway]:
-    config = GatewayConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_host="127.0.0.1",
-        metrics_port=0,
-        upstream=f"127.0.0.1:{torchserve.ports.grpc_inference}",
-        models=("shapes",),
-        health_interval_s=0.5,
-    )
-    with gateway_in_thread(config) as started:
-        yield RunningGateway(started)
+def torchserve(stack: Stack) -> TorchServe:
+    return stack.torchserve
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: Stack) -> RunningGateway:
+    return stack.gateway
 
 
 @pytest.fixture(scope="session")

@@ -150,7 +150,13 @@ def test_concurrent_requests_batch_and_match_solo_answers(client: SaliencyClient
     for (data, method, top_k), reply in list(zip(work, together, strict=True))[:4]:
         alone = client.explain(data, methods=method, top_k=top_k, seed=3)
         for a, b in zip(alone.explanations, reply.explanations, strict=True):
-            np.testing.assert_allclose(decode_map(a.map), decode_map(b.map), rtol=1e-4, atol=1e-6)
+            # 8-bit PNG maps: batching changes float rounding at the last bits, which moves a
+            # value on a bin edge by one step (1 pixel in 16384 seen); a mixed-up row would
+            # be off by far more.
+            step = (a.map.value_max - a.map.value_min) / 255
+            np.testing.assert_allclose(
+                decode_map(a.map), decode_map(b.map), rtol=1e-4, atol=1.01 * step
+            )
 
 
 def test_health_and_reflection(channel: grpc.Channel) -> None:

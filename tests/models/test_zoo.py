@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from service.engine.layer_finder import find_cam_layer
-from service.engine.optimize import OptimizeReport, optimize_for_inference
+from service.engine.modules import freeze
 from service.models.zoo import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -28,7 +28,8 @@ from service.models.zoo import (
     efficientnet,
 )
 from service.runtime.export import export_artifacts
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.optimize import OptimizeReport, optimize_for_inference
+from service.runtime.wrap import Normalized
 
 SIZE = 64
 CLASSES = 7

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from service.engine.modules import freeze
 from service.runtime import export as export_mod
 from service.runtime.export import ExportResult, ParityError, export_artifacts
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 
 # Same default as tests/models/conftest.py and the Makefile: one shared trained model.
 os.environ.setdefault(

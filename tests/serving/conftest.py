@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.engine.modules import freeze
 from service.runtime.artifacts import META_FILE, ModelMeta, load_bundle
 from service.runtime.export import export_artifacts
-from service.runtime.wrap import Normalized, freeze
+from service.runtime.wrap import Normalized
 from service.serving.pipeline import Explainer
 from tests.serving.tiny_net import TinyNet
 

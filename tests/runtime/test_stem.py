@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.engine.optimize import OptimizeReport, optimize_for_inference
-from service.engine.stem import (
+from service.models.net import DEFAULT_TARGET_LAYER
+from service.runtime.optimize import OptimizeReport, optimize_for_inference
+from service.runtime.optimize.stem import (
     InputConv2d,
     Pixels,
     fold_input_convolution,
@@ -16,10 +17,9 @@ from service.engine.stem import (
     phase_input_gradient,
     phase_kernel,
 )
-from service.models.net import DEFAULT_TARGET_LAYER
 from service.runtime.wrap import Normalized
 from tests.engine.nets import TinyCnn
-from tests.engine.test_optimize import default_architecture
+from tests.runtime.test_optimize import default_architecture
 
 # (kernel, stride, padding, dilation, input height, input width)
 GEOMETRIES = [

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 
 from service.engine.engine import Engine
-from service.engine.optimize import (
+from service.engine.modules import freeze
+from service.models.net import DEFAULT_TARGET_LAYER, SaliencyNet
+from service.runtime.optimize import (
     OptimizeReport,
     activation_bytes_per_image,
     choose_chunk_size,
     optimize_for_inference,
 )
-from service.models.net import DEFAULT_TARGET_LAYER, SaliencyNet
 from service.runtime.wrap import Normalized
 from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, images
 
@@ -165,7 +166,7 @@ def test_shared_batch_norm_not_folded() -> None:
 def test_activation_memory_drops() -> None:
     model = default_architecture()
     optimized = optimize_for_inference(model, (3, 64, 64), channels_last=False)
-    before = activation_bytes_per_image(model.requires_grad_(False), (3, 64, 64))
+    before = activation_bytes_per_image(freeze(model), (3, 64, 64))
     after = activation_bytes_per_image(optimized, (3, 64, 64))
     assert 0 < after < before
 
