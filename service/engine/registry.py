@@ -186,14 +186,9 @@ class MaskSpec(Member):
 
 @dataclass(frozen=True)
 class ScoreSpec(Member):
-    """A score of a map: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64 ``(N,)``.
-
-    Attributes:
-        higher_is_better: which way a faithful (or stable) map moves it.
-        needs_explainer: the score re-runs the explanation method on other inputs
-            (stability), through the ``explain`` callable its host passes in
-            ``ScoreContext``; the others need the forward only.
-    """
+    """A score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64 ``(N,)``.
+    ``higher_is_better`` says which way a faithful map moves it; ``needs_explainer``, that
+    it re-runs the method (``ScoreContext.explain``), not only the forward."""
 
     higher_is_better: bool
     needs_explainer: bool

@@ -28,7 +28,7 @@ from tests.engine.nets import export_onnx
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # aligned to the 4-px cells of an 8x8 grid
 # From the registry: every forward-only method keeps this file's contract (LIME and
-# KernelSHAP are checked against Captum in test_surrogate.py).
+# KernelSHAP are checked against Captum in test_lime_kernel_shap.py).
 PERTURBATION_METHODS = tuple(spec.name for spec in iter_methods("onnx"))
 
 

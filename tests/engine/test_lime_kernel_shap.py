@@ -26,11 +26,9 @@ from torch import nn
 
 from service.engine import perturb
 from service.engine.engine import Engine
-from service.engine.methods.surrogate import (
-    kernel_shap_samples,
-    lime_samples,
-    superpixels,
-)
+from service.engine.methods.kernel_shap import kernel_shap_samples
+from service.engine.methods.lime import lime_samples
+from service.engine.methods.superpixels import superpixels
 from service.engine.registry import ParamValue
 from service.runtime.onnx_forward import OnnxForward
 from tests.engine.nets import CNN_LAYER, TinyCnn, export_onnx
