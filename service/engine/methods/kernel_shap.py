@@ -7,7 +7,7 @@ the Shapley kernel as a sampling distribution, so those rows weigh 1. The all-on
 all-off rows weigh ``1e6``, Captum's stand-in for the infinite weight that forces
 ``b = f(baseline)`` and ``b + sum c = f(x)``. Unregularised least squares, the minimum-norm
 solution when the rows do not determine every coefficient. Superpixels, baselines, draws
-and the fit are LIME's (see ``lime`` above).
+and the fit are LIME's (see the LIME section).
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ with its derivatives averaged over
-noisy copies of the input.
+"""Smooth Grad-CAM++ (Omeiza et al. 2019): Grad-CAM++ over noise-averaged derivatives.
 
 What is averaged, and what is not (the paper's sec. 3, with the CAM and SmoothGrad
 conventions of this package):
@@ -15,10 +14,12 @@ conventions of this package):
   derivatives. Then Grad-CAM++'s closed form with the averaged terms:
   ``a^k_ij = D2 / (2 D2 + sum_ab A^k_ab D3 + 1e-6)`` (``0`` where ``D2 = 0``),
   ``w_k = sum_ij a^k_ij ReLU(D1^k_ij)``, map ``ReLU(sum_k w_k A^k)``, upsampled bilinearly.
-* The paper prints ``D1`` in the numerator of ``a``; the numerator is ``D2`` here, as in
-  Grad-CAM++ (eq. 19) whose derivation the paper reuses, and as in torch-cam's
-  implementation: with ``D1`` the weights would not reduce to Grad-CAM++'s at zero noise.
-  At ``noise_level = 0`` every copy is the clean image and the map equals ``grad_cam_pp``.
+* Numerator ``D2``, as Grad-CAM++'s eq. 19 whose derivation the paper reuses; torch-cam
+  notes that the paper prints ``D1`` there and uses ``D2`` too. With ``D2`` the method is
+  Grad-CAM++ at ``noise_level = 0`` (every copy is the clean image), which a test checks.
+  Reimplementations differ on what is averaged (some average whole normalised maps, or
+  take the last copy's gradient in the ReLU); this one averages the derivative terms
+  only, as the paper's equations do.
 """
 
 from __future__ import annotations
