@@ -14,6 +14,7 @@ import torch
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.scores import compute_scores
+from service.engine.scores.base import Explainer
 from service.protocol import names
 from service.protocol.errors import CancelledError, EngineError
 from service.protocol.events import EventKind
@@ -81,6 +82,26 @@ def explain_group(replies: Replies, group: Group) -> Iterator[Event]:
     yield from score_group(replies, live, maps, produced)
 
 
+def explainer(replies: Replies, live: list[tuple[Job, Work]]) -> Explainer:
+    """The group's method, parameters and seed, for the scores that re-run it (stability);
+    it stops once every request of the group has stopped."""
+    spec, params = live[0][1].spec, live[0][1].params
+    seed = live[0][0].query.seed  # type: ignore[union-attr]
+
+    def explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        attribution = replies.bundle.engine.explain(
+            torch.from_numpy(images),
+            torch.from_numpy(targets),
+            spec.name,
+            params,
+            seed=seed,
+            cancelled=lambda: all(job.stopped() for job, _ in live),
+        )
+        return attribution.maps.detach().float().cpu().numpy()
+
+    return explain
+
+
 def score_group(
     replies: Replies,
     live: list[tuple[Job, Work]],
@@ -108,6 +129,7 @@ def score_group(
             names_needed,
             seed=wanted[0][0].query.seed,  # type: ignore[union-attr]
             check=check,
+            explain=explainer(replies, live),
         )
     except EngineError as exc:
         _fail_all([job for job, _, _ in wanted], exc)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from service.engine.errors import DeadlineExceededError, InvalidInputError
+from service.engine.registry import SCORES
 from service.engine.scores import (
     SCORE_NAMES,
     compute_scores,
@@ -20,6 +21,9 @@ from service.runtime.onnx_forward import OnnxForward
 from tests.engine.nets import export_onnx
 
 SIZE = 32
+# The scores that need the forward only; the stability scores, which re-run the method,
+# are in test_stability.py (and, like every score, in test_contract.py).
+FORWARD_SCORES = tuple(spec.name for spec in SCORES.members() if not spec.needs_explainer)
 REGION = (slice(8, 20), slice(12, 24))
 
 
@@ -97,9 +101,11 @@ def test_scores_do_not_depend_on_chunk_size(
     forward: OnnxForward, case: tuple[np.ndarray, ...]
 ) -> None:
     images, _, random, targets = case
-    a = compute_scores(forward, images, random, targets, SCORE_NAMES, chunk_size=5, n_subsets=16)
-    b = compute_scores(forward, images, random, targets, SCORE_NAMES, chunk_size=64, n_subsets=16)
-    for name in SCORE_NAMES:
+    a = compute_scores(forward, images, random, targets, FORWARD_SCORES, chunk_size=5, n_subsets=16)
+    b = compute_scores(
+        forward, images, random, targets, FORWARD_SCORES, chunk_size=64, n_subsets=16
+    )
+    for name in FORWARD_SCORES:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-9)
 
 
@@ -125,7 +131,10 @@ def test_scores_use_wire_names(forward: OnnxForward, case: tuple[np.ndarray, ...
     images, perfect, _, targets = case
     scores = compute_scores(forward, images, perfect, targets, ["mu_fidelity", "deletion_auc"])
     assert list(scores) == ["mu_fidelity", "deletion_auc"]
-    assert set(SCORE_NAMES) == {"deletion_auc", "insertion_auc", "mu_fidelity"}
+    assert set(SCORE_NAMES) == {
+        *("deletion_auc", "insertion_auc", "mu_fidelity"),
+        *("max_sensitivity", "rank_stability"),
+    }
 
 
 def test_a_passed_deadline_stops_the_scores(
@@ -134,7 +143,7 @@ def test_a_passed_deadline_stops_the_scores(
     images, perfect, _, targets = case
     ctx = ExplainContext(model=None, deadline=time.monotonic() - 1.0)
     with pytest.raises(DeadlineExceededError):
-        compute_scores(forward, images, perfect, targets, SCORE_NAMES, check=ctx.check_deadline)
+        compute_scores(forward, images, perfect, targets, FORWARD_SCORES, check=ctx.check_deadline)
 
 
 def test_maps_must_match_the_images(forward: OnnxForward, case: tuple[np.ndarray, ...]) -> None:

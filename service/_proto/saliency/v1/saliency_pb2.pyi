@@ -161,6 +161,10 @@ class _ScoreEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Score.ValueType
     """Area under the target probability as the most salient pixels are added to a blurred copy (Petsiuk et al. 2018, RISE); higher is better"""
     SCORE_MU_FIDELITY: _Score.ValueType  # 3
     """Correlation between saliency removed and score drop over random subsets (Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations); higher is better"""
+    SCORE_MAX_SENSITIVITY: _Score.ValueType  # 4
+    """Largest relative change of the map over random input changes in a small L-inf ball (Yeh et al. 2019, On the Infidelity and Sensitivity of Explanations, SENS_MAX); lower is better"""
+    SCORE_RANK_STABILITY: _Score.ValueType  # 5
+    """Mean Spearman correlation of the map with the maps of randomly changed inputs (Ghorbani et al. 2019, Interpretation of Neural Networks is Fragile); higher is better"""
 
 class Score(_Score, metaclass=_ScoreEnumTypeWrapper):
     """BEGIN GENERATED Score (make protos renders this block from service.engine.registry)"""
@@ -173,6 +177,10 @@ SCORE_INSERTION_AUC: Score.ValueType  # 2
 """Area under the target probability as the most salient pixels are added to a blurred copy (Petsiuk et al. 2018, RISE); higher is better"""
 SCORE_MU_FIDELITY: Score.ValueType  # 3
 """Correlation between saliency removed and score drop over random subsets (Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations); higher is better"""
+SCORE_MAX_SENSITIVITY: Score.ValueType  # 4
+"""Largest relative change of the map over random input changes in a small L-inf ball (Yeh et al. 2019, On the Infidelity and Sensitivity of Explanations, SENS_MAX); lower is better"""
+SCORE_RANK_STABILITY: Score.ValueType  # 5
+"""Mean Spearman correlation of the map with the maps of randomly changed inputs (Ghorbani et al. 2019, Interpretation of Neural Networks is Fragile); higher is better"""
 Global___Score: _TypeAlias = Score  # noqa: Y015
 
 @_typing.final
