@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -37,7 +38,10 @@ SIZE = 48
 SEED = 7
 N_SAMPLES = 300
 # Smooth images and square-ish superpixels, so SLIC returns a couple of dozen of them.
-PARAMS: dict[str, ParamValue] = {"n_samples": N_SAMPLES, "n_segments": 24, "compactness": 100.0}
+PARAMS: dict[str, ParamValue] = {
+    **{"n_samples": N_SAMPLES, "n_segments": 24, "compactness": 100.0},
+    "baseline": "mean",  # lime's: the reference below builds it loop by loop
+}
 AGREEMENT = 1e-4  # of the largest coefficient
 
 
@@ -61,6 +65,11 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Engine, OnnxForward]
     return engine, forward
 
 
+def blurred_baseline(image: np.ndarray, segments: np.ndarray) -> np.ndarray:
+    """OpenCV's 10x10 box blur (RISE's and Sobol's substrate), channels last for OpenCV."""
+    return cv2.blur(np.ascontiguousarray(image.transpose(1, 2, 0)), (10, 10)).transpose(2, 0, 1)
+
+
 def mean_colour_baseline(image: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """Each superpixel filled with its mean colour, written out loop by loop."""
     out = np.empty_like(image)
@@ -79,6 +88,7 @@ def captum_attribution(
     segments: np.ndarray,
     draws: np.ndarray,
     kernel_width: float = 0.25,
+    baseline: str = "mean",
 ) -> np.ndarray:
     def model(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(forward(x.detach().numpy().astype(np.float32)))
@@ -105,13 +115,14 @@ def captum_attribution(
         explainer = KernelShap(model)  # Shapley weights, 1e6 endpoints, LinearRegression
         explainer.perturb_func = our_draws
         assert isinstance(explainer.interpretable_model, SkLearnLinearRegression)
-    baseline = mean_colour_baseline(image.numpy()[0], segments)
+    substrate = {"mean": mean_colour_baseline, "blur": blurred_baseline}[baseline]
+    switched_off = substrate(image.numpy()[0], segments)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's and Captum's notices
         attribution = explainer.attribute(
             image,
             target=target,
-            baselines=torch.from_numpy(baseline)[None],
+            baselines=torch.from_numpy(switched_off)[None],
             feature_mask=torch.from_numpy(segments)[None, None],
             n_samples=len(draws),
             perturbations_per_eval=64,
@@ -135,18 +146,22 @@ def test_superpixels_are_slics() -> None:
     assert 12 <= ours.max() + 1 <= 40
 
 
+@pytest.mark.parametrize("baseline", ["mean", "blur"])
 @pytest.mark.parametrize("method", ["lime", "kernel_shap"])
 def test_equals_captum_on_the_same_segments_and_draws(
-    case: tuple[Engine, OnnxForward], method: str
+    case: tuple[Engine, OnnxForward], method: str, baseline: str
 ) -> None:
     engine, forward = case
     x = smooth_images(3, seed=11)
     targets = [2, 4, 1]
-    ours = engine.explain(x, targets, method, PARAMS, seed=SEED).maps.numpy()
+    params = {**PARAMS, "baseline": baseline}
+    ours = engine.explain(x, targets, method, params, seed=SEED).maps.numpy()
     for b, target in enumerate(targets):
         segments = superpixels(x[b].numpy(), 24, 100.0)
         draws = documented_draws(method, int(segments.max()) + 1)
-        theirs = captum_attribution(method, forward, x[b : b + 1], target, segments, draws)
+        theirs = captum_attribution(
+            method, forward, x[b : b + 1], target, segments, draws, baseline=baseline
+        )
         scale = float(np.abs(theirs).max())
         assert scale > 1e-3
         np.testing.assert_allclose(ours[b], theirs, rtol=0, atol=AGREEMENT * scale)

@@ -13,8 +13,9 @@ Shared with KernelSHAP (``superpixels.py``):
   counts are scaled to ``[0, 100]`` (Lab's lightness range) so that ``compactness`` means
   the same. scikit-image rather than OpenCV's ``ximgproc``: that lives in the contrib
   build, which would replace the headless OpenCV the service pins.
-* **Switched-off superpixels** take the ``baseline``: ``mean`` (the superpixel's mean
-  colour, lime's default), ``zero`` or ``blur`` (10x10 box blur, as RISE and Sobol).
+* **Switched-off superpixels** take the ``baseline``: ``blur`` (10x10 box blur, as RISE
+  and Sobol; the default), ``mean`` (the superpixel's mean colour, lime's default) or
+  ``zero``.
 * **Draws**: ``s = seed_from(request generator)``; image ``b``'s draws come from
   ``torch.Generator().manual_seed(s)`` for every ``b``, so a map never depends on the
   batch it was computed in.

@@ -44,11 +44,15 @@ SHARED = (
         maximum=1000.0,
         minimum_exclusive=True,
     ),
+    # Blur by default, not lime's mean colour: on the default model (24 held-out images,
+    # bench/quality.py's pointing game) LIME scored 1.00 with blur, 0.88 with the mean
+    # colour and 0.33 with black; KernelSHAP 1.00, 0.83 and 0.50. As with Sobol, a blurred
+    # superpixel stays near what the model saw; a black one does not.
     Param(
         "baseline",
         "str",
-        "mean",
-        "what a switched-off superpixel becomes: mean (its mean colour), zero or blur",
+        "blur",
+        "what a switched-off superpixel becomes: blur (10x10 box), mean (its colour) or zero",
         choices=BASELINES,
     ),
 )
