@@ -20,6 +20,10 @@ conventions of this package):
   Reimplementations differ on what is averaged (some average whole normalised maps, or
   take the last copy's gradient in the ReLU); this one averages the derivative terms
   only, as the paper's equations do.
+* Where only global average pooling and a linear head follow the layer (the default
+  model's CAM layer, ResNets' last block), ``dS/dA`` is the same at every input: the noise
+  changes nothing and the map is Grad-CAM++'s exactly (``bench/results/quality.md`` shows
+  the two rows equal). It differs on layers with nonlinear layers after them.
 """
 
 from __future__ import annotations
