@@ -13,8 +13,9 @@ Shared with KernelSHAP (``superpixels.py``):
   counts are scaled to ``[0, 100]`` (Lab's lightness range) so that ``compactness`` means
   the same. They follow the input: uniform noise of 0.05 moves SLIC's boundaries a lot
   on the default model's images (adapted Rand error 0.35 to 0.5), which is most of the
-  two methods' instability in ``bench/results/quality.md``. scikit-image rather than OpenCV's ``ximgproc``: that lives in the contrib
-  build, which would replace the headless OpenCV the service pins.
+  two methods' instability in ``bench/results/quality.md``. scikit-image rather than
+  OpenCV's ``ximgproc``: that lives in the contrib build, which would replace the
+  headless OpenCV the service pins.
 * **Switched-off superpixels** take the ``baseline``: ``blur`` (10x10 box blur, as RISE
   and Sobol; the default), ``mean`` (the superpixel's mean colour, lime's default) or
   ``zero``.
