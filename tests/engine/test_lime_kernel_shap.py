@@ -31,6 +31,7 @@ from service.engine.methods.kernel_shap import kernel_shap_samples
 from service.engine.methods.lime import lime_samples
 from service.engine.methods.superpixels import superpixels
 from service.engine.registry import ParamValue
+from service.runtime.export import export_onnx as export_model_onnx
 from service.runtime.onnx_forward import OnnxForward
 from tests.engine.nets import CNN_LAYER, TinyCnn, export_onnx
 
@@ -144,6 +145,29 @@ def test_superpixels_are_slics() -> None:
     # The same partition, labelled 0..M-1 (SLIC's labels are already consecutive here).
     np.testing.assert_array_equal(ours, theirs)
     assert 12 <= ours.max() + 1 <= 40
+
+
+def test_other_channel_counts_are_segmented_on_the_lab_lightness_scale(tmp_path: Path) -> None:
+    """One channel in [0, 1] is SLIC'd as values in [0, 100], the range of Lab's L, so that
+    ``compactness`` weighs colour against space as it does for RGB; and a one-channel
+    model is explained end to end."""
+    grey = smooth_images(1, seed=5)[0, :1]
+    ours = superpixels(grey.numpy(), 24, 10.0)
+    theirs = slic(
+        100.0 * grey.numpy().transpose(1, 2, 0),
+        n_segments=24,
+        compactness=10.0,
+        start_label=0,
+        channel_axis=-1,
+        convert2lab=False,
+    )
+    np.testing.assert_array_equal(ours, theirs)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))  # fmt: skip
+    forward = OnnxForward(export_model_onnx(model.eval(), (1, SIZE, SIZE), tmp_path / "g.onnx"))
+    engine = Engine(model, input_shape=(1, SIZE, SIZE), forward_numpy=forward)
+    maps = engine.explain(grey[None], [1], "kernel_shap", PARAMS, seed=1).maps
+    assert maps.shape == (1, SIZE, SIZE) and bool(torch.isfinite(maps).all())
 
 
 @pytest.mark.parametrize("baseline", ["mean", "blur"])
