@@ -61,6 +61,7 @@ Sampler = Callable[[int, int, torch.Generator], np.ndarray]
 
 
 def validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
+    """No more superpixels asked for than the input has pixels."""
     if input_shape is not None and int(params["n_segments"]) > input_shape[1] * input_shape[2]:
         height, width = input_shape[1:]
         raise InvalidInputError(
