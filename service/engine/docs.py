@@ -14,7 +14,9 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from service.engine.registry import MASKS, METHODS, SCORES, Member
+from service.engine.registry import MASKS, METHODS, SCORES, Member, MethodSpec, ScoreSpec
+from service.protocol.cost import MIB
+from service.protocol.limits import Limits
 from service.protocol.params import Param, format_value
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
@@ -92,6 +94,35 @@ def _conventions(members: Iterable[Member]) -> list[str]:
     return out
 
 
+COST_SHAPE = (3, 224, 224)
+
+
+def _costs(members: Iterable[MethodSpec | ScoreSpec]) -> list[str]:
+    """Each member's cost with its defaults on a 224 px input, and how it is counted."""
+    limits = Limits()
+    shape = "x".join(map(str, COST_SHAPE))
+    lines = [
+        f"What one explanation (a method, per target) or one score (per map) costs with its "
+        f"defaults on a {shape} input, as the pipeline counts it before any work. A request's "
+        f"sum must fit the per-request budget: {limits.max_forwards:,} forwards, "
+        f"{limits.max_backward_rows:,} gradient rows and {limits.max_memory_bytes // MIB} MiB "
+        "of parameter-shaped buffers by default (`SALIENCY_LIMIT_MAX_FORWARDS`, "
+        "`SALIENCY_LIMIT_MAX_BACKWARD_ROWS`, `SALIENCY_LIMIT_MAX_MEMORY_BYTES`); above it the "
+        "request is refused with `RESOURCE_EXHAUSTED`.",
+        "",
+        "| member | forwards | gradient rows | memory | counted as |",
+        "|---|---|---|---|---|",
+    ]
+    for spec in members:
+        cost = spec.cost(spec.defaults, COST_SHAPE)
+        how = " ".join(inspect.cleandoc(spec.cost.__doc__ or "").split())
+        lines.append(
+            f"| `{spec.name}` | {cost.forwards:,} | {cost.backward_rows:,} "
+            f"| {cost.memory_bytes / MIB:.1f} MiB | {_cell(_rst_to_markdown(how))} |"
+        )
+    return lines
+
+
 def render() -> str:
     """The whole page as Markdown."""
     methods, masks, scores = METHODS.members(), MASKS.members(), SCORES.members()
@@ -112,6 +143,7 @@ def render() -> str:
         for s in scores
     ]
     lines += ["", "### Score parameters", "", *_params_table(scores, "score"), ""]
+    lines += ["## Costs", "", *_costs([*methods, *scores]), ""]
     lines += ["## Conventions", "", "From the docstring of each module that implements them.", ""]
     lines += _conventions([*methods, *masks, *scores])
     return HEADER + "\n" + "\n".join(lines).rstrip() + "\n"

@@ -56,7 +56,8 @@ def gaussian_blur(
     """
     height, width = images.shape[-2:]
     cap = min(height, width) - (1 if border == "reflect101" else 0)
-    radius = min(math.ceil(3.0 * sigma) if radius is None else radius, cap)
+    # Capped before rounding: 3 * sigma of a huge sigma is no integer (inf).
+    radius = math.ceil(min(3.0 * sigma, cap)) if radius is None else min(radius, cap)
     if radius < 1:
         return images.clone()
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError, UnknownMethodError, clip
 
 # Members declare their parameters with these; importable from here with the decorators.
@@ -32,6 +33,8 @@ InputShape = tuple[int, int, int]
 Validator = Callable[[ResolvedParams, InputShape | None], None]
 """Cross-parameter and input-size checks, run before any batch work: ``(params, (C, H, W))``;
 the shape is ``None`` when unknown (those checks are skipped then)."""
+CostFn = Callable[[ResolvedParams, InputShape], Cost]
+"""Work of one image from the parameters and ``(C, H, W)`` (:mod:`service.protocol.cost`)."""
 
 
 class Spec(Protocol):
@@ -92,11 +95,7 @@ def check_signature(fn: Callable[..., Any], positional: int, params: ParamSet) -
         for k in kinds
         if k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
-    keyword = {
-        name: p
-        for name, p in signature.parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
+    keyword = {n: p for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY}
     problems = []
     if len(leading) != positional or len(leading) + len(keyword) != len(kinds):
         problems.append(f"takes {positional} positional arguments and no *args/**kwargs")
@@ -114,7 +113,7 @@ def check_signature(fn: Callable[..., Any], positional: int, params: ParamSet) -
 
 @dataclass(frozen=True)
 class Member:
-    """What every family's member has: name, function, parameters, docs, an optional check.
+    """What every member has: name, function, parameters, docs, an optional check.
 
     Attributes:
         name: stable identifier used on the wire and in the CLI (``snake_case``).
@@ -166,12 +165,15 @@ class MethodSpec(Member):
         needs_gradients: calls ``backward`` on the input.
         needs_layer: needs a named spatial layer (CAM methods).
         batchable: items of a batch are computed together.
+        cost: ``cost(params, (C, H, W)) -> Cost`` of one image, counted as the method
+            evaluates the model (the contract tests count its calls).
     """
 
     backend: Backend
     needs_gradients: bool
     needs_layer: bool
     batchable: bool
+    cost: CostFn
 
     @property
     def forward_only(self) -> bool:
@@ -187,11 +189,12 @@ class MaskSpec(Member):
 @dataclass(frozen=True)
 class ScoreSpec(Member):
     """A score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64 ``(N,)``.
-    ``higher_is_better`` says which way a faithful map moves it; ``needs_explainer``, that
-    it re-runs the method (``ScoreContext.explain``), not only the forward."""
+    ``higher_is_better``: which way a faithful map moves it; ``cost(params, (C, H, W))``: its
+    work per map; ``reexplains(params)``: how often it re-runs the method per map, if it does."""
 
     higher_is_better: bool
-    needs_explainer: bool
+    cost: CostFn
+    reexplains: Callable[[ResolvedParams], int] | None
 
 
 METHODS: Registry[MethodSpec] = Registry(
@@ -222,6 +225,7 @@ def register_method(
     needs_gradients: bool,
     description: str,
     paper: str,
+    cost: CostFn,
     params: tuple[Param, ...] = (),
     needs_layer: bool = False,
     batchable: bool = True,
@@ -240,6 +244,7 @@ def register_method(
         description=description,
         paper=paper,
         validate=validate,
+        cost=cost,
     )
 
 
@@ -263,8 +268,9 @@ def register_score(
     description: str,
     paper: str,
     higher_is_better: bool,
+    cost: CostFn,
     params: tuple[Param, ...] = (),
-    needs_explainer: bool = False,
+    reexplains: Callable[[ResolvedParams], int] | None = None,
 ) -> Callable[[FnT], FnT]:
     """Decorator that adds a score under ``name``."""
     return _register(
@@ -275,8 +281,9 @@ def register_score(
         description=description,
         paper=paper,
         higher_is_better=higher_is_better,
-        needs_explainer=needs_explainer,
+        reexplains=reexplains,
         validate=None,
+        cost=cost,
     )
 
 
@@ -285,13 +292,8 @@ def get_method(name: str) -> MethodSpec:
     return METHODS.get(name)
 
 
-def list_methods() -> list[MethodSpec]:
-    """All registered methods, sorted by name."""
-    return METHODS.members()
-
-
-def method_names() -> list[str]:
-    return METHODS.names()
+list_methods = METHODS.members
+method_names = METHODS.names
 
 
 def iter_methods(backend: Backend | None = None) -> Iterator[MethodSpec]:

@@ -89,6 +89,9 @@ class TorchServeClient:
         request = ts_pb.PredictionsRequest(model_name=model)
         request.input[key] = payload
         request.input["request_id"] = uuid.uuid4().hex.encode()
+        # Unary unless stream() says otherwise: the handler may then send the reply as soon
+        # as it is ready, not with its batch's slowest (handlers/outbox.py).
+        request.input["stream"] = b"false"
         if timeout is not None:
             deadline_ms = int((time.time() + timeout) * 1000)
             request.input["deadline_unix_ms"] = str(deadline_ms).encode()

@@ -56,6 +56,11 @@ _CODES: tuple[tuple[type[EngineError], str], ...] = (
 _BY_CODE: dict[str, type[EngineError]] = {code: cls for cls, code in _CODES}
 MAX_MESSAGE_CHARS = 1000
 """Longest error message sent to a client; a status must stay small whatever the input."""
+ECHO_CHARS = 100
+"""Most characters of one user-supplied value that a message repeats (see :func:`clip`)."""
+INTERNAL_MESSAGE = "internal error in the model worker (see its log)"
+"""What a client is told of an error that is not a domain error: a bug's or a library's
+message may hold internals (paths, class names, values), so it goes to the log only."""
 
 
 def code_name(exc: BaseException) -> str:
@@ -79,8 +84,17 @@ def message_of(exc: BaseException) -> str:
     return text[:MAX_MESSAGE_CHARS] + f"... ({len(text)} characters)"
 
 
-def clip(value: object, limit: int = 100) -> str:
-    """``repr(value)`` cut to ``limit`` characters, for echoing user input in a message."""
+def public_message(exc: BaseException) -> str:
+    """What a client may read about ``exc``: a domain error's message, else a fixed text."""
+    return message_of(exc) if isinstance(exc, EngineError) else INTERNAL_MESSAGE
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: the one way a message echoes user input.
+
+    Every message that repeats a request's value (a parameter, a name, a shape) passes it
+    through here, so no input makes a status larger than a few hundred characters.
+    """
     text = repr(value)
     if len(text) <= limit:
         return text

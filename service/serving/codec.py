@@ -1,5 +1,10 @@
 """Bytes in, bytes out: image decoding under limits, map and mask encoding.
 
+Images are turned upright before anything else sees them: a camera stores a portrait
+photo as landscape pixels with an EXIF orientation tag (6: rotate 90 degrees clockwise to
+view), and a viewer -- browser, phone, OpenCV's ``imread`` -- shows it rotated. The model,
+the maps, the masks and the boxes all live in that upright frame, the one the user sees.
+
 The inverse of the encoding (for clients) is :mod:`service.client.decode`.
 """
 
@@ -11,18 +16,20 @@ from typing import Any
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.protocol.errors import InvalidInputError, ResourceLimitError
+from service.protocol.errors import InvalidInputError, ResourceLimitError, clip
 from service.protocol.limits import Limits
 from service.protocol.names import MAP_ENCODINGS, MASKS
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+EXIF_ORIENTATION = 0x0112
 
 
 def decode_image(image: pb.Image, limits: Limits) -> np.ndarray:
-    """Pixels of a request image as uint8 ``(H, W, 3)`` RGB.
+    """Pixels of a request image as uint8 ``(H, W, 3)`` RGB, upright (EXIF orientation
+    applied; a tensor has none).
 
     Raises:
         InvalidInputError: empty, not an image, unsupported format, truncated, bad tensor.
@@ -47,19 +54,36 @@ def decode_image(image: pb.Image, limits: Limits) -> np.ndarray:
                 raise InvalidInputError(
                     f"image format {opened.format} is not accepted; send PNG, JPEG or WebP"
                 )
-            rgb = opened.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            rgb = upright(opened).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL refuses from the header too, for sizes far above ours.
         raise ResourceLimitError(
-            f"image exceeds the pixel limit of {limits.max_image_pixels} pixels ({exc})"
+            f"image exceeds the pixel limit of {limits.max_image_pixels} pixels"
         ) from None
     except UnidentifiedImageError:
         raise InvalidInputError("image bytes are not a PNG, JPEG or WebP image") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInputError(
-            f"image could not be decoded (truncated or corrupt): {exc}"
-        ) from None
+    except (InvalidInputError, ResourceLimitError, MemoryError):
+        raise
+    except Exception:
+        # Whatever a plugin raises on hostile bytes (OSError, SyntaxError, struct.error,
+        # zlib.error...) is the image's fault, and its text names Pillow's internals.
+        raise InvalidInputError("image could not be decoded: it is truncated or corrupt") from None
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as a viewer shows it: its EXIF orientation (2-8) applied, else as stored.
+
+    A malformed EXIF block counts as no orientation, as viewers treat it: the pixels are
+    still a valid image.
+    """
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+        return image
+    if orientation not in range(2, 9):
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _check_size(width: int, height: int, limits: Limits) -> None:
@@ -75,7 +99,7 @@ def _check_size(width: int, height: int, limits: Limits) -> None:
 def _decode_tensor(tensor: pb.Tensor, limits: Limits) -> np.ndarray:
     shape = tuple(tensor.shape)
     if len(shape) != 3 or shape[0] != 3:
-        raise InvalidInputError(f"tensor shape must be (3, height, width), got {shape}")
+        raise InvalidInputError(f"tensor shape must be (3, height, width), got {clip(shape)}")
     _check_size(shape[2], shape[1], limits)
     dtypes: dict[int, np.dtype[Any]] = {
         pb.Tensor.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -113,14 +137,29 @@ def resize_map(saliency: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(saliency.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
+MAP_ENCODERS = ("png8", "float16")
+
+
+def check_map_encoding(encoding: str) -> None:
+    """``InvalidInputError`` unless :func:`encode_map` writes ``encoding``; planning runs it."""
+    if encoding not in MAP_ENCODERS:
+        raise InvalidInputError(
+            f"unknown map encoding {clip(encoding)} (known: {', '.join(MAP_ENCODERS)})"
+        )
+
+
 def encode_map(saliency: np.ndarray, encoding: str = "png8") -> pb.SaliencyMap:
-    """A float ``(H, W)`` map as 8-bit PNG with its range (``png8``) or raw ``float16``."""
+    """A float ``(H, W)`` map as 8-bit PNG with its range (``png8``) or raw ``float16``.
+
+    Raises:
+        InvalidInputError: any other encoding (never a silent PNG).
+    """
+    check_map_encoding(encoding)
     height, width = saliency.shape
     lo, hi = float(saliency.min()), float(saliency.max())
     if encoding == "float16":
         data = saliency.astype("<f2").tobytes()
     else:
-        encoding = "png8"
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
         quantised = np.round((saliency - lo) * scale).astype(np.uint8)
         data = _png(quantised, [cv2.IMWRITE_PNG_COMPRESSION, 6])

@@ -1,13 +1,16 @@
 """Batched execution: one engine call per (method, parameters, seed) group, then its scores.
 
-A failure in shared work fails only the requests of that group, and work stops once every
-request of the group has stopped (deadline or cancellation).
+Work is shared but failures are not: when a group's call raises for any reason other than
+every member having stopped (deadline, cancellation), each member is run again alone, and
+only those that fail alone fail -- with their own error. One poisoned input therefore costs
+its group one more pass, never another request's answer. Work stops once every request of
+the group has stopped.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -15,14 +18,16 @@ import torch
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.scores import compute_scores
 from service.engine.scores.base import Explainer
+from service.engine.types import Attribution
 from service.protocol import names
-from service.protocol.errors import CancelledError, EngineError
+from service.protocol.errors import CancelledError
 from service.protocol.events import EventKind
 from service.serving.jobs import Event, Job
 from service.serving.plan import Work
 from service.serving.replies import Replies
 
 Group = list[tuple[Job, Work]]
+Produced = list[tuple[Job, int, int]]  # (job, item in the group's maps, explanation index)
 
 
 def groups(jobs: list[Job]) -> list[Group]:
@@ -37,9 +42,25 @@ def groups(jobs: list[Job]) -> list[Group]:
     return list(found.values())
 
 
-def _fail_all(jobs: list[Job], exc: EngineError) -> None:
-    for job in jobs:
-        job.fail(job.stop_error() if job.stopped() else exc)
+def members(group: Group) -> list[Job]:
+    """The group's jobs, each once (a job explaining several targets is there for each)."""
+    return list({id(job): job for job, _ in group}.values())
+
+
+def shared_failure(jobs: list[Job], exc: Exception) -> bool:
+    """After shared work raised ``exc``: True when the caller should retry each job alone.
+
+    Never when every job has stopped (the work stopped for them: each gets its own
+    deadline or cancellation error) nor for a lone job (the error is its own).
+    """
+    if all(job.stopped() for job in jobs):
+        for job in jobs:
+            job.fail(job.stop_error())
+        return False
+    if len(jobs) == 1:
+        jobs[0].fail(exc)
+        return False
+    return True
 
 
 def explain_group(replies: Replies, group: Group) -> Iterator[Event]:
@@ -50,30 +71,23 @@ def explain_group(replies: Replies, group: Group) -> Iterator[Event]:
     live = [(job, work) for job, work in group if job.error is None]
     if not live:
         return
-    spec, params = live[0][1].spec, live[0][1].params
     start = time.perf_counter()
     try:
-        inputs = torch.from_numpy(np.stack([job.model_input for job, _ in live]))  # type: ignore[misc]
-        targets = torch.tensor([work.target for _, work in live], dtype=torch.long)
-        attribution = replies.bundle.engine.explain(
-            inputs,
-            targets,
-            spec.name,
-            params,
-            seed=live[0][0].query.seed,  # type: ignore[union-attr]
-            # Shared work stops only when nobody in the group still wants it.
-            cancelled=lambda: all(job.stopped() for job, _ in live),
-        )
-    except EngineError as exc:
-        _fail_all([job for job, _ in live], exc)
+        maps, completeness = _explain(replies, live)
+    except Exception as exc:
+        if shared_failure([job for job, _ in live], exc):
+            for member in live:
+                yield from explain_group(replies, [member])
         return
     elapsed = time.perf_counter() - start
-    maps = attribution.maps.detach().float().cpu().numpy()
-    completeness = attribution.completeness_error
-    produced: list[tuple[Job, int, int]] = []  # (job, item in group, explanation index)
+    produced: Produced = []
     for item, (job, work) in enumerate(live):
         job.add_time("explain", elapsed / len(live))
-        explanation = replies.explanation(job, work, maps[item], elapsed / len(live))
+        try:
+            explanation = replies.explanation(job, work, maps[item], elapsed / len(live))
+        except Exception as exc:  # its mask or encoding: this request's own failure
+            job.fail(exc)
+            continue
         if completeness is not None:
             explanation.completeness_error = float(completeness[item])
         job.explanations.append(explanation)
@@ -82,43 +96,49 @@ def explain_group(replies: Replies, group: Group) -> Iterator[Event]:
     yield from score_group(replies, live, maps, produced)
 
 
-def explainer(replies: Replies, live: list[tuple[Job, Work]]) -> Explainer:
-    """The group's method, parameters and seed, for the scores that re-run it (stability);
-    it stops once every request of the group has stopped."""
+def _explain(replies: Replies, live: Group) -> tuple[np.ndarray, np.ndarray | None]:
+    """The group's engine call: maps ``(B, H, W)`` and completeness errors (or ``None``)."""
+    images = np.stack([job.model_input for job, _ in live])  # type: ignore[misc]
+    targets = np.array([work.target for _, work in live], dtype=np.int64)
+    attribution = _run_method(replies, live, images, targets)
+    maps = attribution.maps.detach().float().cpu().numpy()
+    completeness = attribution.completeness_error
+    return maps, None if completeness is None else completeness.detach().cpu().numpy()
+
+
+def _run_method(
+    replies: Replies, live: Group, images: np.ndarray, targets: np.ndarray
+) -> Attribution:
+    """The group's method, parameters and seed on ``images``; it stops only when nobody
+    in the group still wants the work."""
     spec, params = live[0][1].spec, live[0][1].params
-    seed = live[0][0].query.seed  # type: ignore[union-attr]
+    return replies.bundle.engine.explain(
+        torch.from_numpy(images),
+        torch.from_numpy(targets),
+        spec.name,
+        params,
+        seed=live[0][0].query.seed,  # type: ignore[union-attr]
+        cancelled=lambda: all(job.stopped() for job, _ in live),
+    )
+
+
+def explainer(replies: Replies, live: Group) -> Explainer:
+    """The group's method as the scores that re-run it (stability) call it."""
 
     def explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        attribution = replies.bundle.engine.explain(
-            torch.from_numpy(images),
-            torch.from_numpy(targets),
-            spec.name,
-            params,
-            seed=seed,
-            cancelled=lambda: all(job.stopped() for job, _ in live),
-        )
-        return attribution.maps.detach().float().cpu().numpy()
+        return _run_method(replies, live, images, targets).maps.detach().float().cpu().numpy()
 
     return explain
 
 
 def score_group(
-    replies: Replies,
-    live: list[tuple[Job, Work]],
-    maps: np.ndarray,
-    produced: list[tuple[Job, int, int]],
+    replies: Replies, live: Group, maps: np.ndarray, produced: Produced
 ) -> Iterator[Event]:
     """The scores the group's requests asked for, in one batched call per group."""
     wanted = [(job, item, index) for job, item, index in produced if job.plan and job.plan.scores]
     if not wanted:
         return
     requested = {id(job): [s.name for s in job.plan.scores] for job, _, _ in wanted}  # type: ignore[union-attr]
-    names_needed = list(dict.fromkeys(n for job_names in requested.values() for n in job_names))
-
-    def check() -> None:
-        if all(job.stopped() for job, _, _ in wanted):
-            raise CancelledError("every request of the group stopped")
-
     start = time.perf_counter()
     try:
         values = compute_scores(
@@ -126,13 +146,15 @@ def score_group(
             np.stack([job.model_input for job, _, _ in wanted]),  # type: ignore[misc]
             maps[[item for _, item, _ in wanted]],
             np.array([live[item][1].target for _, item, _ in wanted]),
-            names_needed,
+            list(dict.fromkeys(n for job_names in requested.values() for n in job_names)),
             seed=wanted[0][0].query.seed,  # type: ignore[union-attr]
-            check=check,
+            check=_all_stopped([job for job, _, _ in wanted]),
             explain=explainer(replies, live),
         )
-    except EngineError as exc:
-        _fail_all([job for job, _, _ in wanted], exc)
+    except Exception as exc:
+        if shared_failure([job for job, _, _ in wanted], exc):
+            for one in wanted:
+                yield from score_group(replies, live, maps, [one])
         return
     elapsed = time.perf_counter() - start
     for row, (job, _, index) in enumerate(wanted):
@@ -144,3 +166,11 @@ def score_group(
         job.explanations[index].scores.extend(scores)
         update = pb.ScoreUpdate(explanation_index=index, scores=scores)
         yield Event(EventKind.SCORES, job, update)
+
+
+def _all_stopped(jobs: list[Job]) -> Callable[[], None]:
+    def check() -> None:
+        if all(job.stopped() for job in jobs):
+            raise CancelledError("every request of the group stopped")
+
+    return check

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,11 +15,13 @@ from service.protocol.errors import (
     DeadlineExceededError,
     EngineError,
     code_name,
-    message_of,
+    public_message,
 )
 from service.protocol.events import EventKind
 from service.protocol.request import ExplainQuery
 from service.serving.plan import Plan, Work
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,9 +49,16 @@ class Job:
     started: float = field(default_factory=time.perf_counter)
 
     def fail(self, exc: BaseException) -> None:
-        """Record the first error; the job does no more work and its reply is the error."""
-        if self.error is None:
-            self.error = pb.Error(code=code_name(exc), message=message_of(exc))
+        """Record the first error; the job does no more work and its reply is the error.
+
+        A domain error is told as it is; anything else (a bug, a library's exception) is
+        INTERNAL with a fixed message, and its traceback goes to the log.
+        """
+        if self.error is not None:
+            return
+        if not isinstance(exc, EngineError):
+            logger.error("a request failed on an unexpected error", exc_info=exc)
+        self.error = pb.Error(code=code_name(exc), message=public_message(exc))
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds

@@ -10,13 +10,13 @@ engine call per method/parameters/seed group, then scores), ``replies`` (message
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.ops import softmax
-from service.protocol.errors import EngineError
 from service.protocol.events import EventKind
 from service.protocol.limits import Limits
 from service.protocol.request import ExplainQuery, PredictQuery
@@ -71,26 +71,42 @@ class Explainer:
         return [Job(request=r, deadline=d) for r, d in zip(requests, deadlines, strict=True)]
 
     def run(self, jobs: list[Job]) -> Iterator[Event]:
-        """Do all the work of ``jobs``, yielding each result as soon as it exists."""
+        """Do all the work of ``jobs``, yielding each result as soon as it exists: a job's
+        ``done`` event as soon as its own work is over, not at the end of the batch."""
         self._plan(jobs)
         self._decode(jobs)
         self._forward(jobs)
         for job in jobs:
             if job.error is None:
                 assert job.plan is not None and job.probabilities is not None
-                job.work = job.plan.work(job.probabilities)
-                yield Event(EventKind.PREDICTION, job, self.replies.explain_prediction(job))
-        for group in execute.groups(jobs):
-            yield from execute.explain_group(self.replies, group)
+                try:
+                    job.work = job.plan.work(job.probabilities)
+                    prediction = self.replies.explain_prediction(job)
+                except Exception as exc:
+                    job.fail(exc)
+                    continue
+                yield Event(EventKind.PREDICTION, job, prediction)
+        # A job is done once its last group is: its reply need not wait for the others'
+        # work (a host may send it at once), and one that failed before any work is done
+        # before any group starts.
+        groups = execute.groups(jobs)
+        left = Counter(id(job) for group in groups for job in execute.members(group))
         for job in jobs:
-            yield Event(EventKind.DONE, job, self.replies.response(job))
+            if not left[id(job)]:
+                yield Event(EventKind.DONE, job, self.replies.response(job))
+        for group in groups:
+            yield from execute.explain_group(self.replies, group)
+            for job in execute.members(group):
+                left[id(job)] -= 1
+                if not left[id(job)]:
+                    yield Event(EventKind.DONE, job, self.replies.response(job))
 
     def _plan(self, jobs: list[Job]) -> None:
         for job in jobs:
             try:
                 job.query = ExplainQuery.from_pb(job.request)
                 job.plan = plan(job.query, self.bundle.engine, len(self.meta.labels), self.limits)
-            except EngineError as exc:
+            except Exception as exc:  # a bug in one request's checks fails that request
                 job.fail(exc)
 
     def _decode(self, jobs: list[Job]) -> None:
@@ -104,17 +120,24 @@ class Explainer:
                     raise job.stop_error()
                 job.pixels = codec.decode_image(job.request.image, self.limits)
                 job.model_input = codec.to_model_input(job.pixels, height, width)
-            except EngineError as exc:
+            except Exception as exc:
                 job.fail(exc)
             job.add_time("decode", time.perf_counter() - start)
 
     def _forward(self, jobs: list[Job]) -> None:
+        """One forward for every job still in; if it fails, each job alone (see execute)."""
         ready = [job for job in jobs if job.error is None]
         if not ready:
             return
         start = time.perf_counter()
-        batch = np.stack([job.model_input for job in ready])  # type: ignore[misc]
-        probabilities = softmax(self.bundle.forward(batch))
+        try:
+            batch = np.stack([job.model_input for job in ready])  # type: ignore[misc]
+            probabilities = softmax(self.bundle.forward(batch))
+        except Exception as exc:
+            if execute.shared_failure(ready, exc):
+                for job in ready:
+                    self._forward([job])
+            return
         elapsed = time.perf_counter() - start
         for job, row in zip(ready, probabilities, strict=True):
             job.probabilities = row.astype(np.float32)

@@ -2,22 +2,24 @@
 
 A request is refused here -- unknown method or parameter, bad value, a method's own
 cross-parameter or input-size rule, target out of range, too many explanations, bad mask
-options -- so that an invalid request never costs a decode, a forward or a slow group,
-and never shares a group with valid ones.
+options, a cost over the per-request budget -- so that an invalid request never costs a
+decode, a forward or a slow group, and never shares a group with valid ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine.engine import Engine
 from service.engine.registry import MASKS, SCORES, MaskSpec, MethodSpec, ResolvedParams, ScoreSpec
 from service.engine.targets import check_target_range
+from service.protocol.cost import Cost, Item, check_budget
 from service.protocol.errors import InvalidInputError, ResourceLimitError
 from service.protocol.limits import Limits
 from service.protocol.request import ExplainQuery
+from service.serving import codec
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Plan:
         top_k: how many predicted classes to explain when ``targets`` is empty.
         mask: the mask and its resolved parameters.
         scores: the scores of every map, in request order.
+        cost: what the explanations and their scores cost in all (within the budget).
     """
 
     methods: tuple[tuple[MethodSpec, ResolvedParams], ...]
@@ -46,6 +49,7 @@ class Plan:
     top_k: int
     mask: tuple[MaskSpec, ResolvedParams]
     scores: tuple[ScoreSpec, ...]
+    cost: Cost = field(default_factory=Cost)
 
     def work(self, probabilities: np.ndarray) -> list[Work]:
         """The (method, target) pairs, once the forward has given the probabilities."""
@@ -71,8 +75,47 @@ def plan(query: ExplainQuery, engine: Engine, num_classes: int, limits: Limits) 
             f"{len(query.methods)} methods x {len(targets) or query.top_k} targets = {count} "
             f"explanations; the limit is {limits.max_explanations} per request"
         )
+    codec.check_map_encoding(query.map_encoding)
     methods = tuple(engine.resolve_params(call.name, call.params) for call in query.methods)
     mask = MASKS.get(query.mask.name)
     mask_params = mask.resolve_params(query.mask.overrides(mask.params.names()))
     scores = tuple(SCORES.get(name) for name in dict.fromkeys(query.scores))
-    return Plan(methods, targets, query.top_k, (mask, mask_params), scores)
+    per_method = len(targets) or query.top_k
+    cost = check_budget(bill(methods, scores, per_method, engine.input_shape), limits)
+    return Plan(methods, targets, query.top_k, (mask, mask_params), scores, cost)
+
+
+def bill(
+    methods: tuple[tuple[MethodSpec, ResolvedParams], ...],
+    scores: tuple[ScoreSpec, ...],
+    targets: int,
+    input_shape: tuple[int, int, int],
+) -> list[Item]:
+    """Each method's cost per target, and each score's per map, as the budget reads them."""
+    items = [
+        Item(label(spec, params), spec.cost(params, input_shape), targets)
+        for spec, params in methods
+    ]
+    maps = len(methods) * targets
+    items += [Item(spec.name, spec.cost(spec.defaults, input_shape), maps) for spec in scores]
+    # Scores that re-run the method (stability) cost that many more explanations of each
+    # map; those of one module with the same parameters share one pass, counted once.
+    passes = {
+        (spec.fn.__module__, tuple(spec.defaults.items())): spec.reexplains(spec.defaults)
+        for spec in scores
+        if spec.reexplains is not None
+    }
+    if reruns := sum(passes.values()):
+        items += [
+            Item(f"{label(spec, params)} re-run by the stability scores",
+                 spec.cost(params, input_shape), targets * reruns)
+            for spec, params in methods
+        ]  # fmt: skip
+    return items
+
+
+def label(spec: MethodSpec, params: ResolvedParams) -> str:
+    """``"sobol (n_designs=1024, grid_size=16)"``: the parameters that differ from the
+    defaults (validated values, so the label stays short)."""
+    changed = [f"{k}={v}" for k, v in params.wire().items() if params[k] != spec.defaults[k]]
+    return f"{spec.name} ({', '.join(changed) or 'defaults'})"

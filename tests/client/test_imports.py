@@ -142,8 +142,9 @@ def test_protocol_base_modules_need_only_the_standard_library() -> None:
     run_blocked(
         (*SERVER_ONLY, "google", "grpc", "numpy", "PIL"),
         """
-        from service.protocol import errors, families, limits, params
+        from service.protocol import cost, errors, families, limits, params
         p = params.Param("k", "int", 3, "doc", minimum=1)
+        assert cost.check_budget([cost.Item("x", cost.Cost(forwards=1))], limits.Limits())
         assert params.ParamSet("x", (p,)).resolve({"k": "4"})["k"] == 4
         assert errors.code_name(errors.TargetOutOfRangeError("t")) == "INVALID_ARGUMENT"
         assert limits.MAX_MESSAGE_BYTES > limits.GATEWAY_RECEIVE_BYTES

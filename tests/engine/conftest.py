@@ -46,11 +46,9 @@ def tiny_engine(tiny_case: ModelCase) -> Engine:
 
 @pytest.fixture(scope="session")
 def default_case() -> ModelCase:
-    """The served default model; skipped while ``service.models.default`` does not exist."""
-    try:
-        from service.models.default import load_default_model
-    except ImportError as exc:
-        pytest.skip(f"default model not importable: {exc}")
+    """The served default model (trained once into the shared cache, then loaded)."""
+    from service.models.default import load_default_model
+
     model, meta = load_default_model()
     size = meta["input_size"]
     height, width = (size, size) if isinstance(size, int) else size[-2:]
@@ -59,7 +57,7 @@ def default_case() -> ModelCase:
 
 @pytest.fixture(scope="session", params=["tiny_cnn", "default"])
 def reference_case(request: pytest.FixtureRequest) -> ModelCase:
-    """Models the Captum comparisons run on: the tiny CNN always, the default model when built."""
+    """Models the Captum comparisons run on: the tiny CNN and the default model."""
     name = "default_case" if request.param == "default" else "tiny_case"
     return request.getfixturevalue(name)
 

@@ -85,14 +85,36 @@ def counting_context(engine: Engine, deadline: float) -> tuple[ExplainContext, l
 
 
 class CountingModel(nn.Module):
-    def __init__(self, model: nn.Module, calls: list[int]) -> None:
+    def __init__(self, model: nn.Module, calls: list[int], graded: list[int] | None = None):
         super().__init__()
         self.model = model
         self.calls = calls
+        self.graded = graded  # rows evaluated with autograd on, when given
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls.append(len(x))
+        if self.graded is not None and torch.is_grad_enabled():
+            self.graded.append(len(x))
+        else:
+            self.calls.append(len(x))
         return self.model(x)
+
+
+@pytest.mark.parametrize("spec", METHODS.members(), ids=METHODS.names())
+def test_the_cost_counts_the_rows_the_method_evaluates(engine: Engine, spec: MethodSpec) -> None:
+    """What the budget is checked against is what the method does: forward-only rows
+    (ONNX Runtime, or torch without autograd) and gradient rows, counted at the model."""
+    forwards: list[int] = []
+    gradient_rows: list[int] = []
+    ctx, _ = counting_context(engine, deadline=time.monotonic() + 3600.0)
+    ctx.model = CountingModel(engine.model, forwards, gradient_rows)
+    assert engine.forward_numpy is not None
+    ctx.forward_numpy = counted(engine.forward_numpy, forwards)
+    ctx.chunk_size = 64
+    params = spec.resolve_params(None, engine.input_shape)
+    spec.fn(ctx, images(2), torch.tensor(TARGETS[:2]), **params)
+    cost = spec.cost(params, engine.input_shape)
+    assert (sum(forwards), sum(gradient_rows)) == (2 * cost.forwards, 2 * cost.backward_rows)
+    assert cost.memory_bytes > 0
 
 
 @pytest.mark.parametrize("spec", METHODS.members(), ids=METHODS.names())
@@ -242,6 +264,23 @@ def test_the_perfect_map_wins_in_the_declared_direction(
         assert (good > bad).all(), (good, bad)
     else:
         assert (good < bad).all(), (good, bad)
+
+
+@pytest.mark.parametrize("spec", SCORES.members(), ids=SCORES.names())
+def test_the_cost_counts_the_forwards_of_a_score(
+    region: tuple[object, ...], spec: ScoreSpec
+) -> None:
+    forward, pictures, _, random, targets = region
+    calls: list[int] = []
+    explain = counted(region_method, explained := [])
+    names = [spec.name]
+    compute_scores(counted(forward, calls), pictures, random, targets, names, explain=explain)
+    cost = spec.cost(spec.defaults, pictures.shape[1:])
+    # A score's re-explanations are billed to the method, reexplains() times per map.
+    reruns = spec.reexplains(spec.defaults) if spec.reexplains is not None else 0
+    assert sum(explained) == len(pictures) * reruns
+    assert sum(calls) == len(pictures) * cost.forwards and cost.backward_rows == 0
+    assert cost.memory_bytes > 0
 
 
 @pytest.mark.parametrize("spec", SCORES.members(), ids=SCORES.names())

@@ -100,3 +100,24 @@ def test_largest_component_box() -> None:
     single[4, 0] = True
     assert largest_component_box(single) == Box(0, 4, 0, 4)
     assert largest_component_box(np.zeros((5, 5), bool)) is None
+
+
+def test_grabcut_mask_does_not_depend_on_earlier_calls() -> None:
+    """Same image and map, same mask, whatever the worker thread ran before.
+
+    GrabCut starts its colour models with k-means, which draws from OpenCV's per-thread
+    RNG: unless the mask code fixes that state, a mask depends on the masks computed
+    before it on the thread (other requests, batch mates).
+    """
+    from service.models.synthetic import generate
+
+    scenes = generate(4, seed=3, size=64)
+    noise = np.random.default_rng(0).random((4, 64, 64))
+    saliency = [
+        cv2.GaussianBlur(mask.astype(np.float64), (0, 0), 4.0) + 0.3 * extra
+        for mask, extra in zip(scenes.masks, noise, strict=True)
+    ]
+    first = [grabcut_mask(image, s) for image, s in zip(scenes.images, saliency, strict=True)]
+    again = [grabcut_mask(image, s) for image, s in zip(scenes.images, saliency, strict=True)]
+    for item, (a, b) in enumerate(zip(first, again, strict=True)):
+        assert np.array_equal(a, b), f"item {item}: {int((a ^ b).sum())} pixels changed"

@@ -212,3 +212,19 @@ def test_docs_page_is_generated_from_the_registry() -> None:
     )
     for spec in METHODS.members():
         assert f"`{spec.name}`" in docs.render()
+
+
+@pytest.mark.parametrize(
+    "member",
+    [*METHODS.members(), *MASKS.members(), *SCORES.members()],
+    ids=lambda member: member.name,
+)
+def test_every_parameter_is_bounded(member: Member) -> None:
+    """Findings 3, 4 and 11: a parameter without bounds let one request make the work
+    overflow, allocate gigabytes or return NaN. Every number has both bounds (NaN and
+    infinities are refused by the parse), every string its choices."""
+    for param in member.params:
+        if param.kind in ("int", "float"):
+            assert param.minimum is not None and param.maximum is not None, param.name
+        elif param.kind == "str":
+            assert param.choices, param.name

@@ -51,12 +51,17 @@ def reference(
 
 
 @pytest.mark.parametrize("method", SMOOTH_METHODS)
-def test_matches_float64_reference(tiny_engine: Engine, method: str) -> None:
+def test_matches_float64_reference(method: str) -> None:
+    # A smooth network: float32 and float64 gradients at one point then differ by rounding
+    # only. On a ReLU network a unit within rounding of its kink could switch in one
+    # precision and not the other; the ReLU case is compared with Captum in test_captum.py,
+    # in float32 on both sides.
+    engine = Engine(TinyCnn(act=nn.Softplus), input_shape=(3, SIZE, SIZE), chunk_size=7)
     x = images(2, seed=3)
     t = torch.tensor([1, 3])
     params = {"n_samples": 6, "noise_level": 0.2}
-    ours = tiny_engine.explain(x, t, method, params, seed=11).maps
-    ref = reference(tiny_engine.model, x, t, method, 6, 0.2, seed=11)
+    ours = engine.explain(x, t, method, params, seed=11).maps
+    ref = reference(engine.model, x, t, method, 6, 0.2, seed=11)
     scale = float(ref.abs().max())
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6 * scale)
 
@@ -106,7 +111,7 @@ def test_rejects_bad_parameters(tiny_engine: Engine, params: dict[str, float]) -
 
 def test_tiny_cnn_is_not_trivially_linear() -> None:
     # Guard for the reference test: noise must change the gradient, or any mean passes.
-    model = TinyCnn()
+    model = TinyCnn(act=nn.Softplus)
     x = images(1, seed=3).requires_grad_(True)
     g0 = torch.autograd.grad(model(x)[0, 1], x)[0]
     x2 = (x.detach() + 0.1).requires_grad_(True)

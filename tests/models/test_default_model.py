@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,15 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert cache_dir() == Path.home() / ".cache" / "saliency-serve" / "default-model"
 
 
-def test_second_call_is_cached(default_model_dir: Path) -> None:
+def test_second_call_is_cached(default_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     meta_file = default_model_dir / "meta.json"
     before = meta_file.stat().st_mtime_ns
-    start = time.perf_counter()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained again although the cache is current")
+
+    monkeypatch.setattr(default_mod, "_train_into", no_training)
     assert ensure_default_model(progress=False) == default_model_dir
-    assert time.perf_counter() - start < 2.0
     assert meta_file.stat().st_mtime_ns == before
 
 
@@ -51,7 +53,9 @@ def test_meta_contents(default_model_dir: Path) -> None:
     assert all(0 < s < 1 for s in meta["std"])
     assert meta["target_layer"] == DEFAULT_TARGET_LAYER
     assert meta["held_out_accuracy"] >= 0.97
-    assert 0 < meta["train_seconds"] < 600
+    # How long training took is the training machine's business (a bench figure), not a
+    # property of the model: only that it was recorded.
+    assert isinstance(meta["train_seconds"], float) and meta["train_seconds"] > 0
     assert meta["config_hash"] == TrainConfig().digest()
     assert (default_model_dir / "weights.pt").is_file()
 
@@ -141,29 +145,41 @@ def test_killed_run_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_concurrent_callers_train_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A caller that finds no cache while another trains waits for it instead of training.
+
+    No sleep decides the interleaving: the trainer holds the lock until the second caller
+    has seen the cache missing, so the second caller must go through the lock.
+    """
     target = tmp_path / "default-model"
-    real = default_mod._train_into
-    calls: list[int] = []
+    real_train, real_is_current = default_mod._train_into, default_mod._is_current
+    calls: list[str] = []
+    results: list[Path] = []
+    second_saw_no_cache = threading.Event()
+    second = threading.Thread(
+        target=lambda: results.append(ensure_default_model(target, False, config=TINY)),
+        name="second-caller",
+    )
+
+    def watching(directory: Path, cfg: TrainConfig) -> bool:
+        current = real_is_current(directory, cfg)
+        if threading.current_thread() is second and not current:
+            second_saw_no_cache.set()
+        return current
 
     def counting(directory: Path, cfg: TrainConfig, progress: bool) -> None:
-        calls.append(1)
-        time.sleep(0.3)  # hold the lock while the other caller arrives
-        real(directory, cfg, progress)
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:  # the first trainer, holding the lock
+            second.start()
+            assert second_saw_no_cache.wait(timeout=60), "the second caller never arrived"
+        real_train(directory, cfg, progress)
 
+    monkeypatch.setattr(default_mod, "_is_current", watching)
     monkeypatch.setattr(default_mod, "_train_into", counting)
-    results: list[Path] = []
-    threads = [
-        threading.Thread(
-            target=lambda: results.append(ensure_default_model(target, False, config=TINY))
-        )
-        for _ in range(2)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [target, target]
-    assert len(calls) == 1
+    results.append(ensure_default_model(target, False, config=TINY))
+    second.join(timeout=120)
+    assert not second.is_alive()
+    assert sorted(results) == [target, target]
+    assert calls == [threading.current_thread().name]
 
 
 def test_generator_failure_stops_training(monkeypatch: pytest.MonkeyPatch) -> None:

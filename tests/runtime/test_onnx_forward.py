@@ -48,7 +48,9 @@ def test_chunked_forward_equals_one_batch(model_path: tuple[torch.nn.Module, Pat
     whole = OnnxForward(path, max_batch=64)(x)
     chunked = OnnxForward(path.read_bytes(), max_batch=3)(x)
     assert whole.shape == (10, 5) and whole.dtype == np.float32
-    np.testing.assert_array_equal(whole, chunked)
+    # Same rows in the same order; not bit for bit, as a provider may pick other kernels
+    # for another batch size (cuDNN does), so to float32 rounding of the logits.
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-6 * float(np.abs(whole).max()))
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-5)

@@ -1,11 +1,10 @@
 """Image decoding under limits, and the wire encodings of maps and masks."""
 
 import io
-import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.client.decode import decode_map, decode_mask
@@ -64,16 +63,26 @@ def test_unaccepted_format_is_named() -> None:
         codec.decode_image(encoded(np.zeros((4, 4), np.uint8), "GIF"), LIMITS)
 
 
-def test_decompression_bomb_is_refused_before_decoding() -> None:
-    # 30000 x 30000 black PNG: ~1 MB on the wire, 2.7 GB once decoded.
+@pytest.mark.parametrize("side", [30000, 5000])
+def test_decompression_bomb_is_refused_before_decoding(
+    side: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 30000 x 30000 black PNG: ~1 MB on the wire, 2.7 GB once decoded (PIL itself refuses
+    # it from the header); 5000 x 5000 is under PIL's limit and over ours.
     buffer = io.BytesIO()
-    Image.new("1", (30000, 30000)).save(buffer, format="PNG")
+    Image.new("1", (side, side)).save(buffer, format="PNG")
     bomb = buffer.getvalue()
     assert len(bomb) < 2_000_000
-    start = time.perf_counter()
+    assert side * side > LIMITS.max_image_pixels
+    # Refused from the header: PIL's pixel decoder (ImageFile.load) never runs.
+    loads: list[object] = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(
+        ImageFile.ImageFile, "load", lambda image: loads.append(image) or real_load(image)
+    )
     with pytest.raises(ResourceLimitError, match="pixel"):
         codec.decode_image(pb.Image(encoded=bomb), LIMITS)
-    assert time.perf_counter() - start < 1.0  # refused from the header, nothing decoded
+    assert loads == []
 
 
 def test_oversized_bytes_are_resource_exhausted() -> None:
@@ -156,3 +165,77 @@ def test_image_just_over_our_limit_names_its_size() -> None:
     limits = Limits(max_image_pixels=100 * 100)
     with pytest.raises(ResourceLimitError, match="101x100"):
         codec.decode_image(encoded(np.zeros((100, 101, 3), np.uint8), "PNG"), limits)
+
+
+# --- orientation: what the model sees is what a viewer shows --------------------------
+
+# Stored pixels -> the picture a viewer shows, per EXIF orientation (TIFF 6.0 / EXIF 2.3:
+# where the stored 0th row and 0th column go), written with numpy, not Pillow.
+SHOWN = {
+    1: lambda a: a,
+    2: np.fliplr,
+    3: lambda a: np.rot90(a, 2),
+    4: np.flipud,
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.flipud(np.rot90(a, -1)),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def with_orientation(array: np.ndarray, fmt: str, orientation: int) -> pb.Image:
+    exif = Image.Exif()
+    exif[codec.EXIF_ORIENTATION] = orientation
+    extra: dict[str, object] = {"lossless": True} if fmt == "WEBP" else {}
+    if fmt == "JPEG":
+        extra["quality"] = 95
+    return encoded(array, fmt, exif=exif.tobytes(), **extra)
+
+
+@pytest.mark.parametrize("orientation", sorted(SHOWN))
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_exif_orientation_is_applied_before_anything_sees_the_pixels(
+    fmt: str, orientation: int
+) -> None:
+    stored = np.random.default_rng(orientation).integers(0, 255, (20, 36, 3), dtype=np.uint8)
+    pixels = codec.decode_image(with_orientation(stored, fmt, orientation), LIMITS)
+    np.testing.assert_array_equal(pixels, SHOWN[orientation](stored))
+
+
+def test_a_jpeg_stored_sideways_decodes_upright() -> None:
+    """Finding 9: a phone's portrait photo (orientation 6) was explained sideways."""
+    stored = np.random.default_rng(6).integers(0, 255, (24, 40, 3), dtype=np.uint8)
+    plain = codec.decode_image(encoded(stored, "JPEG", quality=95), LIMITS)
+    tagged = codec.decode_image(with_orientation(stored, "JPEG", 6), LIMITS)
+    assert tagged.shape == (40, 24, 3)
+    # The same compressed pixels either way: the tag only turns them.
+    np.testing.assert_array_equal(tagged, np.rot90(plain, -1))
+
+
+def test_a_malformed_exif_block_leaves_the_image_as_stored() -> None:
+    stored = np.random.default_rng(1).integers(0, 255, (10, 14, 3), dtype=np.uint8)
+    image = encoded(stored, "PNG", exif=b"Exif\x00\x00MM\x00*garbage")
+    np.testing.assert_array_equal(codec.decode_image(image, LIMITS), stored)
+
+
+# --- messages: bounded, and nothing of the libraries' internals -----------------------
+
+
+def test_a_huge_tensor_shape_is_echoed_short() -> None:
+    image = pb.Image(tensor=pb.Tensor(shape=[7] * 100_000, dtype=pb.Tensor.DTYPE_UINT8))
+    with pytest.raises(InvalidInputError) as refused:
+        codec.decode_image(image, LIMITS)
+    assert "tensor shape must be" in str(refused.value) and len(str(refused.value)) < 300
+
+
+def test_a_corrupt_image_is_told_without_pillow_internals() -> None:
+    data = encoded(np.zeros((64, 64, 3), np.uint8), "JPEG").encoded
+    corrupt = data[:400] + b"\xff" * 16 + data[416:]  # Pillow: "broken data stream ..."
+    with pytest.raises(InvalidInputError) as refused:
+        codec.decode_image(pb.Image(encoded=corrupt), LIMITS)
+    assert str(refused.value) == "image could not be decoded: it is truncated or corrupt"
+
+
+def test_an_unknown_map_encoding_is_refused_not_sent_as_png() -> None:
+    with pytest.raises(InvalidInputError, match="unknown map encoding 'png16'"):
+        codec.encode_map(np.zeros((4, 4), np.float32), "png16")

@@ -4,13 +4,18 @@ with the request's parameters and seed."""
 import io
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.scores import compute_scores
+from service.protocol.errors import ResourceLimitError
+from service.protocol.limits import Limits
 from service.protocol.names import METHODS
+from service.protocol.request import ExplainQuery
 from service.serving.pipeline import Explainer
+from service.serving.plan import plan
 
 PICTURE = np.random.default_rng(5).integers(0, 255, (40, 36, 3), dtype=np.uint8)
 STABILITY = [pb.SCORE_MAX_SENSITIVITY, pb.SCORE_RANK_STABILITY]
@@ -61,3 +66,27 @@ def test_stability_scores_re_run_the_requests_method_params_and_seed(
     # ... and the seed is part of what must match: SmoothGrad's noise differs with another.
     other = engine_scores(explainer, job.model_input, explanation.target, params, seed=18)
     assert abs(other["max_sensitivity"][0] - got[pb.SCORE_MAX_SENSITIVITY]) > 1e-3
+
+
+def test_planning_bills_the_re_explanations_once_for_both_scores(explainer: Explainer) -> None:
+    """SmoothGrad with 4 samples costs 4 gradient rows per target; the stability pass
+    (shared by both scores) explains each of the 2 maps 8 more times: 2 x (4 + 8 x 4)."""
+    req = stable_request("smoothgrad", {"n_samples": "4"}, seed=1)
+    req.top_k = 2
+    query = ExplainQuery.from_pb(req)
+    engine = explainer.bundle.engine
+    planned = plan(query, engine, engine.num_classes, Limits())
+    assert planned.cost.backward_rows == 2 * (4 + 8 * 4)
+    assert planned.cost.forwards == 0
+
+
+def test_stability_can_take_a_request_over_the_budget(explainer: Explainer) -> None:
+    """RISE with 8,192 masks fits the 65,536-forward budget alone, not re-run 8 times."""
+    alone = stable_request("rise", {"n_masks": "8192"}, seed=1)
+    del alone.scores[:]
+    stable = stable_request("rise", {"n_masks": "8192"}, seed=1)
+    engine = explainer.bundle.engine
+    limits = Limits()
+    plan(ExplainQuery.from_pb(alone), engine, engine.num_classes, limits)
+    with pytest.raises(ResourceLimitError, match="re-run by the stability scores"):
+        plan(ExplainQuery.from_pb(stable), engine, engine.num_classes, limits)

@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from service.engine.layers import capture_activations
-from service.engine.methods.gradient import require_model, row_chunks, target_logits
+from service.engine.methods.gradient import (
+    one_gradient,
+    require_model,
+    row_chunks,
+    target_logits,
+)
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
 from service.protocol.errors import UnsupportedMethodError
@@ -115,6 +120,7 @@ def to_input_size(cam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         "(Selvaraju et al. 2017, Grad-CAM)"
     ),
     paper=SELVARAJU_2017,
+    cost=one_gradient,
 )
 def grad_cam(ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor) -> Attribution:
     """Grad-CAM: ``ReLU(sum_k alpha_k A^k)`` with ``alpha_k = mean_ij d S_t / d A^k_ij``.
@@ -144,6 +150,7 @@ def grad_cam(ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor) -
         "(Chattopadhay et al. 2018, Grad-CAM++)"
     ),
     paper=CHATTOPADHAY_2018,
+    cost=one_gradient,
 )
 def grad_cam_pp(ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor) -> Attribution:
     """Grad-CAM++: ``ReLU(sum_k w_k A^k)``, ``w_k = sum_ij a^k_ij ReLU(g^k_ij)``.

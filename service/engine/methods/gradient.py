@@ -7,16 +7,23 @@ caller's tensors are never modified.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from service.engine.registry import register_method
+from service.engine.registry import InputShape, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import UnsupportedMethodError
 
 SIMONYAN_2013 = "https://arxiv.org/abs/1312.6034"
+
+
+def one_gradient(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """One gradient row per image, and an input-sized float32 gradient."""
+    return Cost(backward_rows=1, memory_bytes=4 * math.prod(input_shape))
 
 
 def require_model(ctx: ExplainContext) -> nn.Module:
@@ -91,6 +98,7 @@ def batch_gradients(
         "(Simonyan et al. 2013, Deep Inside Convolutional Networks)"
     ),
     paper=SIMONYAN_2013,
+    cost=one_gradient,
 )
 def vanilla_gradient(
     ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor
@@ -120,6 +128,7 @@ def vanilla_gradient(
         "(Shrikumar et al. 2016, Not Just a Black Box)"
     ),
     paper="https://arxiv.org/abs/1605.01713",
+    cost=one_gradient,
 )
 def gradient_x_input(
     ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor

@@ -18,6 +18,8 @@ image per request, shared by the items of a batch).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -30,6 +32,7 @@ from service.engine.methods.gradient import (
 from service.engine.ops import gaussian_blur
 from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
 SUNDARARAJAN_2017 = "https://arxiv.org/abs/1703.01365"
@@ -42,6 +45,7 @@ INTEGRATIONS = (
     "riemann_right",
 )
 MAX_STEPS = 1024
+MAX_BLUR_SIGMA = 4096.0
 PARAMS = (
     Param(
         "n_steps",
@@ -61,6 +65,9 @@ PARAMS = (
         "Gaussian sigma in pixels of the blurred baseline",
         minimum=0.0,
         minimum_exclusive=True,
+        # Far beyond any model input's side: the baseline is then the image's mean colour,
+        # and a larger sigma would only make the kernel radius (3 sigma) overflow.
+        maximum=MAX_BLUR_SIGMA,
     ),
 )
 
@@ -80,6 +87,19 @@ def check_rule(integration: str, n_steps: int) -> None:
 
 def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
     check_rule(str(params["integration"]), int(params["n_steps"]))
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """A gradient row per node, a forward per path end the rule does not evaluate, and
+    the baseline, the difference and the float64 sum, each input-sized."""
+    n_steps = int(params["n_steps"])
+    nodes, _ = quadrature(str(params["integration"]), n_steps)
+    missing_ends = sum(index is None for index in _end_positions(nodes))
+    return Cost(
+        forwards=missing_ends,
+        backward_rows=n_steps,
+        memory_bytes=(4 + 4 + 8) * math.prod(input_shape),
+    )
 
 
 def quadrature(integration: str, n_steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -163,6 +183,7 @@ def make_baseline(
         "completeness error (Sundararajan et al. 2017, Axiomatic Attribution for Deep Networks)"
     ),
     paper=SUNDARARAJAN_2017,
+    cost=cost,
 )
 def integrated_gradients(
     ctx: ExplainContext,

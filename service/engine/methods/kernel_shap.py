@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.engine.methods.superpixels import SHARED, surrogate_maps, validate
+from service.engine.methods.superpixels import SHARED, cost, surrogate_maps, validate
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
 
@@ -52,6 +52,7 @@ def kernel_shap_weights(on: np.ndarray) -> np.ndarray:
     needs_gradients=False,
     params=SHARED,
     validate=validate,
+    cost=cost,
     description="Shapley values of superpixels from a least-squares fit under the Shapley "
     "kernel (Lundberg & Lee 2017, KernelSHAP)",
     paper=LUNDBERG_2017,

@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.engine.methods.superpixels import SHARED, surrogate_maps, validate
+from service.engine.methods.superpixels import SHARED, cost, surrogate_maps, validate
 from service.engine.registry import Param, register_method
 from service.engine.types import Attribution, ExplainContext
 
@@ -80,6 +80,7 @@ def lime_weights(on: np.ndarray, kernel_width: float) -> np.ndarray:
     needs_gradients=False,
     params=PARAMS,
     validate=validate,
+    cost=cost,
     description="Ridge surrogate of the target logit over random superpixel subsets, "
     "weighted by closeness to the image (Ribeiro et al. 2016, LIME)",
     paper=RIBEIRO_2016,

@@ -19,15 +19,41 @@ import torch
 from service.engine import perturb
 from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
+MAX_SIDE = 8192  # the longest image side accepted (Limits.max_image_side)
 PARAMS = (
-    Param("window", "int", 16, "side of the square window, in pixels", minimum=1),
-    Param("stride", "int", 8, "step between windows, in pixels (at most the window)", minimum=1),
+    # Both at most the model's input side (the validate hook checks it against the model);
+    # the bound here holds for a library caller that gives no input shape.
+    Param("window", "int", 16, "side of the square window, in pixels", minimum=1, maximum=MAX_SIDE),
+    Param(
+        "stride",
+        "int",
+        8,
+        "step between windows, in pixels (at most the window)",
+        minimum=1,
+        maximum=MAX_SIDE,
+    ),
     # Grey, as Zeiler & Fergus occluded: on the default model a black window (0.0) scored
-    # 0.875 on the pointing game against 0.94 for grey (bench/quality.py).
-    Param("baseline", "float", 0.5, "value written into the window"),
+    # 0.875 on the pointing game against 0.94 for grey (bench/quality.py). A pixel value:
+    # the model sees pixels in [0, 1], and a value far outside makes its logits overflow
+    # into a NaN map.
+    Param("baseline", "float", 0.5, "value written into the window", minimum=0.0, maximum=1.0),
 )
+
+
+def window_count(height: int, width: int, window: int, stride: int) -> int:
+    """How many windows cover a ``height x width`` image (see :func:`window_starts`)."""
+    return len(window_starts(height, window, stride)) * len(window_starts(width, window, stride))
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """One forward for the unoccluded image and one per window; float64 sums and counts."""
+    _, height, width = input_shape
+    windows = window_count(height, width, int(params["window"]), int(params["stride"]))
+    # A window's box is a tuple of four ints, ~100 bytes in Python.
+    return Cost(forwards=1 + windows, memory_bytes=16 * height * width + 100 * windows)
 
 
 def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
@@ -57,6 +83,7 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
     description="Drop of the target logit when a sliding square window is set to a baseline "
     "(Zeiler & Fergus 2014)",
     paper="https://arxiv.org/abs/1311.2901",
+    cost=cost,
 )
 def occlusion(
     ctx: ExplainContext,

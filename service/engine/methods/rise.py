@@ -18,12 +18,14 @@ from service.engine import perturb
 from service.engine.ops import box_blur, softmax
 from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
 SUBSTRATES = ("blur", "zero")
 PARAMS = (
-    # The masks are drawn up front (n_masks x grid x grid): the bound keeps that small.
-    Param("n_masks", "int", 1024, "Monte-Carlo samples (random masks)", minimum=1, maximum=8192),
+    # The masks are drawn up front (n_masks x grid x grid): the per-request budget bounds
+    # that memory and the forwards (see cost below); 2**16 is the budget's forwards.
+    Param("n_masks", "int", 1024, "Monte-Carlo samples (random masks)", minimum=1, maximum=2**16),
     Param("grid_size", "int", 8, "cells per side of the random grid", minimum=1, maximum=64),
     Param(
         "p_keep",
@@ -56,6 +58,16 @@ def check_grid(grid_size: int, input_shape: InputShape | None) -> None:
 
 def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
     check_grid(int(params["grid_size"]), input_shape)
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """A forward per mask. Every mask's grid is drawn up front (float32 draw, boolean,
+    float32 copy: 9 bytes a cell) with its row and column indices (int64, ``H + W``);
+    the map accumulates in float64."""
+    _, height, width = input_shape
+    n_masks, grid_size = int(params["n_masks"]), int(params["grid_size"])
+    per_mask = 9 * grid_size * grid_size + 8 * (height + width) + 16
+    return Cost(forwards=n_masks, memory_bytes=n_masks * per_mask + 8 * height * width)
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -119,6 +131,7 @@ class RiseMasks:
     description="Average of random smooth masks weighted by the target probability "
     "(Petsiuk et al. 2018)",
     paper="https://arxiv.org/abs/1806.07421",
+    cost=cost,
 )
 def rise(
     ctx: ExplainContext,

@@ -28,6 +28,8 @@ conventions of this package):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from service.engine.methods.gradcam import (
@@ -39,10 +41,21 @@ from service.engine.methods.gradcam import (
 )
 from service.engine.methods.gradient import require_model
 from service.engine.methods.smoothgrad import PARAMS, noisy_rows
-from service.engine.registry import register_method
+from service.engine.registry import InputShape, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 
 OMEIZA_2019 = "https://arxiv.org/abs/1908.01224"
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """A forward for the clean activations, a gradient row per noisy copy; the noise ``z``
+    (float32, drawn up front) is input-sized per copy. The layer's accumulators are
+    activation-sized, like the model's own activations, which the budget leaves out."""
+    n_samples = int(params["n_samples"])
+    return Cost(
+        forwards=1, backward_rows=n_samples, memory_bytes=4 * n_samples * math.prod(input_shape)
+    )
 
 
 @register_method(
@@ -56,6 +69,7 @@ OMEIZA_2019 = "https://arxiv.org/abs/1908.01224"
         "(Omeiza et al. 2019, Smooth Grad-CAM++)"
     ),
     paper=OMEIZA_2019,
+    cost=cost,
 )
 def smooth_grad_cam_pp(
     ctx: ExplainContext,

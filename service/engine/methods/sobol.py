@@ -25,20 +25,24 @@ from service.engine.methods.rise import check_grid
 from service.engine.ops import box_blur
 from service.engine.registry import InputShape, Param, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
 PERTURBATIONS = ("inpainting", "blurring")
 PARAMS = (
     # The design holds n_designs * (grid_size**2 + 2) rows of grid_size**2 cells, and each
-    # row costs one forward per image: the bounds keep both within reach.
-    Param("grid_size", "int", 8, "cells per side of the grid", minimum=1, maximum=16),
+    # row costs one forward per image: what a request may ask is the per-request budget's
+    # call (see cost below). The bounds are the method's own: SobolEngine draws at most
+    # 21,201 dimensions (2 * cells: grid 102), and 2**14 designs at the smallest grid is
+    # already ~50,000 forwards.
+    Param("grid_size", "int", 8, "cells per side of the grid", minimum=1, maximum=32),
     Param(
         "n_designs",
         "int",
         32,
         "points of each quasi-Monte Carlo matrix (a power of two)",
         minimum=2,
-        maximum=1024,
+        maximum=2**14,
     ),
     # Blurring by default: on the default model, inpainting towards black (the paper's
     # default) scored 0.25 on the pointing game against 0.94 for blurring
@@ -58,6 +62,16 @@ def _validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
     if n_designs & (n_designs - 1):
         raise InvalidInputError(f"n_designs must be a power of two, got {n_designs}")
     check_grid(int(params["grid_size"]), input_shape)
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """``n_designs * (cells + 2)`` forwards. Building the design holds the matrices ``C_i``
+    (float32, ``cells x n_designs x cells``) and their concatenation with ``A`` and ``B``
+    at once, after the float64 draw of ``A | B``."""
+    _, height, width = input_shape
+    n_designs, cells = int(params["n_designs"]), int(params["grid_size"]) ** 2
+    design = 4 * n_designs * cells * (2 * cells + 2) + 24 * n_designs * cells
+    return Cost(forwards=n_designs * (cells + 2), memory_bytes=design + 8 * height * width)
 
 
 def sobol_design(dims: int, n_designs: int, seed: int) -> np.ndarray:
@@ -106,6 +120,7 @@ def jansen_total_order(outputs: np.ndarray, n_designs: int, dims: int) -> np.nda
     description="Total-order Sobol indices of grid cells under quasi-Monte Carlo masks "
     "(Fel et al. 2021)",
     paper="https://arxiv.org/abs/2111.04138",
+    cost=cost,
 )
 def sobol(
     ctx: ExplainContext,

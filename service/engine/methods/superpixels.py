@@ -19,6 +19,7 @@ from service.engine import perturb
 from service.engine.ops import box_blur
 from service.engine.registry import InputShape, Param, ResolvedParams
 from service.engine.types import Attribution, ExplainContext
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
 BASELINES = ("mean", "zero", "blur")
@@ -67,6 +68,17 @@ def validate(params: ResolvedParams, input_shape: InputShape | None) -> None:
         raise InvalidInputError(
             f"n_segments {params['n_segments']} exceeds the {height}x{width} input's pixels"
         )
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """A forward per sample. Held at once, about: the draws (a byte per sample and
+    superpixel, ``n_segments`` of them) and the fit's three float64 copies of them, the
+    labels (int64) and substrate (float32) of the image, and SLIC's float64 Lab images."""
+    channels, height, width = input_shape
+    n_samples, n_segments = int(params["n_samples"]), int(params["n_segments"])
+    fit = n_samples * n_segments * 25 + 16 * n_samples
+    image = 8 * height * width + 4 * channels * height * width + 40 * channels * height * width
+    return Cost(forwards=n_samples, memory_bytes=fit + image)
 
 
 def superpixels(image: np.ndarray, n_segments: int, compactness: float) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Every score runs batched forwards of ``chunk_size`` and calls ``check`` (e.g.
 ``ExplainContext.check_deadline``) before each chunk, so a passed deadline raises before
-any score is returned. A score that re-runs the explanation method (``needs_explainer``,
+any score is returned. A score that re-runs the explanation method (``reexplains``,
 stability) gets it from the host as an :data:`Explainer`, already bound to the method, its
 parameters and the request's seed: the engine's scores never import the pipeline.
 """
@@ -92,7 +92,7 @@ def compute_scores(
         check: called before every forward; raises to stop (deadline).
         params: per-score parameter overrides, ``{"mu_fidelity": {"n_subsets": 64}}``.
         explain: the method that made ``maps``, bound to its parameters and seed; needed
-            by the scores that re-run it (``needs_explainer``), ignored by the others.
+            by the scores that re-run it (``reexplains``), ignored by the others.
         **shared: overrides applied to every requested score that declares the parameter
             (``steps=8`` sets both curves' resolution); a name no score declares is refused.
 
@@ -108,7 +108,7 @@ def compute_scores(
         overrides = {k: v for k, v in shared.items() if k in spec.params.names()}
         overrides.update((params or {}).get(spec.name, {}))
         requested[spec.name] = spec.resolve_params(overrides)
-        if spec.needs_explainer and explain is None:
+        if spec.reexplains is not None and explain is None:
             raise UnsupportedMethodError(
                 f"score {spec.name!r} re-runs the explanation method; none was given"
             )

@@ -14,9 +14,10 @@ import torch
 
 from service.engine import perturb
 from service.engine.ops import gaussian_blur, softmax
-from service.engine.registry import Param, register_score
+from service.engine.registry import InputShape, Param, ResolvedParams, register_score
 from service.engine.scores.base import ScoreContext, check_inputs
 from service.engine.types import NumpyForward
+from service.protocol.cost import Cost
 from service.protocol.errors import InvalidInputError
 
 PETSIUK_2018 = "https://arxiv.org/abs/1806.07421"
@@ -34,6 +35,14 @@ STEPS = Param(
 )
 SUBSTRATE_DOC = "zero (black), blur (Gaussian, 11 taps, sigma 5) or mean (per channel)"
 CURVES = {"deletion_auc": "deletion", "insertion_auc": "insertion"}
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """``steps + 1`` forwards per map (a curve shares the pass of the other, not its rows);
+    the pixel ranks (int64, twice) and the image with both substrates."""
+    channels, height, width = input_shape
+    memory = 16 * height * width + 3 * 4 * channels * height * width
+    return Cost(forwards=int(params["steps"]) + 1, memory_bytes=memory)
 
 
 def make_substrate(images: np.ndarray, kind: str) -> np.ndarray:
@@ -182,6 +191,7 @@ def _register_curve(name: str, substrate: str, higher_is_better: bool, descripti
         higher_is_better=higher_is_better,
         description=description,
         paper=PETSIUK_2018,
+        cost=cost,
     )(curve_auc)
 
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from service.engine import perturb
-from service.engine.registry import Param, register_score
+from service.engine.registry import InputShape, Param, ResolvedParams, register_score
 from service.engine.scores.base import ScoreContext, check_inputs
 from service.engine.types import NumpyForward
+from service.protocol.cost import Cost
 
 BHATT_2020 = "https://arxiv.org/abs/2005.00631"
 N_SUBSETS, SUBSET_FRACTION, GRID_SIZE, BASELINE = 128, 0.2, 9, 0.0
@@ -45,8 +46,17 @@ PARAMS = (
         minimum=1,
         maximum=64,
     ),
-    Param("baseline", "float", BASELINE, "value of removed pixels"),
+    # A pixel value, as occlusion's: far outside [0, 1] the logits overflow.
+    Param("baseline", "float", BASELINE, "value of removed pixels", minimum=0.0, maximum=1.0),
 )
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """A forward for the image and one per subset. Every subset's removed pixels are held
+    at once, as booleans and as a float64 copy for the saliency sums (9 bytes a pixel)."""
+    _, height, width = input_shape
+    n_subsets, cells = int(params["n_subsets"]), int(params["grid_size"]) ** 2
+    return Cost(forwards=n_subsets + 1, memory_bytes=n_subsets * (cells + 9 * height * width))
 
 
 def mu_fidelity(
@@ -131,6 +141,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     description="Correlation between saliency removed and score drop over random subsets "
     "(Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations)",
     paper=BHATT_2020,
+    cost=cost,
 )
 def mu_fidelity_score(
     ctx: ScoreContext,

@@ -35,8 +35,9 @@ from __future__ import annotations
 import numpy as np
 
 from service.engine.perturb import Check
-from service.engine.registry import Param, register_score
+from service.engine.registry import InputShape, Param, ResolvedParams, register_score
 from service.engine.scores.base import Explainer, ScoreContext, check_inputs
+from service.protocol.cost import Cost
 from service.protocol.errors import UnsupportedMethodError
 
 YEH_2019 = "https://arxiv.org/abs/1901.09392"
@@ -61,6 +62,19 @@ PARAMS = (
     ),
 )
 SCORES = ("max_sensitivity", "rank_stability")
+
+
+def cost(params: ResolvedParams, input_shape: InputShape) -> Cost:
+    """No forward of its own: its work is ``n_perturbations`` explanations of each map,
+    which planning bills to the method (``ScoreSpec.reexplains``). It holds a noise image
+    (float32) and five float64 maps (the map, the moved one, their difference, two ranks)."""
+    channels, height, width = input_shape
+    return Cost(memory_bytes=4 * channels * height * width + 40 * height * width)
+
+
+def reexplains(params: ResolvedParams) -> int:
+    """Explanations of each map the pass runs again."""
+    return int(params["n_perturbations"])
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -183,7 +197,8 @@ def _register(name: str, higher_is_better: bool, description: str, paper: str) -
         name,
         params=PARAMS,
         higher_is_better=higher_is_better,
-        needs_explainer=True,
+        cost=cost,
+        reexplains=reexplains,
         description=description,
         paper=paper,
     )(score)
