@@ -172,3 +172,26 @@ def serving(address: str, service: str = API) -> bool:
 
 def rss_mb(process: psutil.Process) -> float:
     return float(process.memory_info().rss) / 2**20
+
+
+class PeakMemory:
+    """The largest RSS of a process while the ``with`` block runs (sampled every 50 ms)."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.process = process
+        self.mb = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self.mb = max(self.mb, rss_mb(self.process))
+            time.sleep(0.05)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()

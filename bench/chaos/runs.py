@@ -13,11 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import psutil
 
 from bench.chaos.fuzz import Fuzzer, call, verdict
 from bench.chaos.load import Tally, run_clients, stream_burst
 from bench.chaos.processes import (
+    PeakMemory,
     gateway_process,
     java_of,
     listed_workers,
@@ -32,29 +32,6 @@ from service.protocol.limits import MAX_MESSAGE_BYTES
 
 Figures = dict[str, tuple[str, str, bool]]
 Section = tuple[list[str], Figures]
-
-
-class PeakMemory:
-    """The largest RSS of a process while the ``with`` block runs (sampled every 50 ms)."""
-
-    def __init__(self, process: psutil.Process) -> None:
-        self.process = process
-        self.mb = 0.0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample)
-
-    def _sample(self) -> None:
-        while not self._done.is_set():
-            self.mb = max(self.mb, rss_mb(self.process))
-            time.sleep(0.05)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 def fuzz(torchserve: TorchServe, images: Sequence[bytes], count: int, seed: int) -> Section:
