@@ -1,4 +1,5 @@
-"""Commands that talk to a running server: ``explain`` and ``methods`` (base install only).
+"""Commands that talk to a running server: ``explain``, ``methods`` and ``models`` (base
+install only).
 
 Their choices come from the generated wire enums, which ``make protos`` renders from the
 registries: the names are the server's without importing torch.
@@ -20,6 +21,7 @@ from service.protocol.families import DEFAULT_METHOD
 from service.protocol.names import MASKS, METHODS, SCORES
 
 DEFAULT_ADDRESS = "localhost:50051"
+MODEL_HELP = "a served model's name (`saliency-serve models` lists them); default: the server's"
 
 
 def add_parsers(sub: Any) -> None:
@@ -43,6 +45,7 @@ def add_parsers(sub: Any) -> None:
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--out", type=Path, default=Path("explanations"))
     explain.add_argument("--address", default=DEFAULT_ADDRESS)
+    explain.add_argument("--model", default="", help=MODEL_HELP)
     explain.add_argument("--timeout", type=float, default=120.0)
     add_connection_flags(explain)
     explain.set_defaults(func=cmd_explain)
@@ -51,8 +54,14 @@ def add_parsers(sub: Any) -> None:
     methods.add_argument(
         "--address", help="ask this server (descriptions, parameters); else the wire names"
     )
+    methods.add_argument("--model", default="", help=MODEL_HELP)
     add_connection_flags(methods)
     methods.set_defaults(func=cmd_methods)
+
+    models = sub.add_parser("models", help="list the models a running server serves")
+    models.add_argument("--address", default=DEFAULT_ADDRESS)
+    add_connection_flags(models)
+    models.set_defaults(func=cmd_models)
 
 
 def add_connection_flags(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +137,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 mask_params=mask_params,
                 seed=args.seed,
                 scores=args.score or [],
+                model=args.model,
                 timeout=args.timeout,
             )
         except grpc.RpcError as exc:
@@ -170,7 +180,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         return 2
     with client:
         try:
-            info = client.model_info()
+            info = client.model_info(args.model)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -178,4 +188,24 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for entry in group:
             params = ", ".join(f"{p.name}={p.default}" for p in entry.params)
             print(f"{entry.name:22s} {entry.description}  [{params}]")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from service.protocol.catalog import describe
+
+    try:
+        client = connect(args)
+    except (OSError, ValueError) as exc:
+        print(f"models: {exc}", file=sys.stderr)
+        return 2
+    with client:
+        try:
+            listing = client.list_models()
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    for entry in listing.models:
+        state = "" if entry.serving else "  [not serving now]"
+        print(describe(entry) + state)
     return 0

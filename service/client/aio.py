@@ -70,3 +70,8 @@ class AsyncSaliencyClient(ClientBase):
         """Labels, input size, and every method, mask and score with its parameters."""
         request = pb.GetModelInfoRequest(model=model)
         return await self.stub.GetModelInfo(request, timeout=timeout, metadata=self.metadata)
+
+    async def list_models(self, timeout: float | None = 10.0) -> pb.ListModelsResponse:
+        """Every served model (name, version, default flag, input size, methods)."""
+        request = pb.ListModelsRequest()
+        return await self.stub.ListModels(request, timeout=timeout, metadata=self.metadata)

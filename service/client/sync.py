@@ -65,3 +65,7 @@ class SaliencyClient(ClientBase):
         return self.stub.GetModelInfo(
             pb.GetModelInfoRequest(model=model), timeout=timeout, metadata=self.metadata
         )
+
+    def list_models(self, timeout: float | None = 10.0) -> pb.ListModelsResponse:
+        """Every served model (name, version, default flag, input size, methods)."""
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata)

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from grpc_health.v1 import health, health_pb2
 
@@ -46,6 +46,9 @@ class BackendHealth:
         split_pools: whether each model has a forward-only pool (:func:`predict_pool`).
         interval_s: seconds between checks.
         stale_after_s: a pool that has not answered for this long is down.
+        on_info: called with a served model's name and the ``ModelInfo`` bytes its explain
+            pool's probe got (the gateway's :class:`~service.gateway.catalog.ModelCatalog`
+            keeps them for ListModels).
     """
 
     def __init__(
@@ -59,6 +62,7 @@ class BackendHealth:
         split_pools: bool = True,
         interval_s: float = 1.0,
         stale_after_s: float = 10.0,
+        on_info: Callable[[str, bytes], None] | None = None,
     ) -> None:
         self.upstream = upstream
         self.servicer = servicer
@@ -70,6 +74,7 @@ class BackendHealth:
             model: {"explain": model, "predict": predict_pool(model) if split_pools else model}
             for model in models
         }
+        self.on_info = on_info or (lambda _model, _raw: None)
         self.answered: dict[str, float] = {}
         self.frontend_up = False
         self.published: dict[str, int] = {}
@@ -85,14 +90,17 @@ class BackendHealth:
             self.frontend_up and seen is not None and time.monotonic() - seen < self.stale_after_s
         )
 
+    def model_up(self, model: str) -> bool:
+        """Whether every pool of served model ``model`` answered lately."""
+        return all(self.pool_up(ts_model) for ts_model in self.pools[model].values())
+
     def statuses(self) -> dict[str, int]:
         """Service name -> SERVING or NOT_SERVING, from what is known now."""
         out: dict[str, int] = {}
         for model, pools in self.pools.items():
             for kind, ts_model in pools.items():
                 out[f"{model}/{kind}"] = SERVING if self.pool_up(ts_model) else NOT_SERVING
-            both = all(self.pool_up(ts_model) for ts_model in pools.values())
-            out[model] = SERVING if both else NOT_SERVING
+            out[model] = SERVING if self.model_up(model) else NOT_SERVING
         every = all(out[model] == SERVING for model in self.pools)
         out[""] = out[self.api_service] = SERVING if every else NOT_SERVING
         return out
@@ -104,9 +112,11 @@ class BackendHealth:
         if reached is not None:
             self.frontend_up = reached
         if self.frontend_up:
-            for ts_model in {p for pools in self.pools.values() for p in pools.values()}:
-                if ts_model not in self._probes:
-                    self._probes[ts_model] = asyncio.create_task(self._probe(ts_model))
+            for model, pools in self.pools.items():
+                for kind, ts_model in pools.items():
+                    if ts_model not in self._probes:
+                        probe = self._probe(ts_model, model if kind == "explain" else None)
+                        self._probes[ts_model] = asyncio.create_task(probe)
         await self.publish()
 
     async def first_round(self, timeout: float) -> None:
@@ -117,11 +127,14 @@ class BackendHealth:
             await asyncio.wait(list(self._probes.values()), timeout=timeout)
         await self.publish()
 
-    async def _probe(self, ts_model: str) -> None:
+    async def _probe(self, ts_model: str, info_of: str | None) -> None:
+        """Ask ``ts_model`` for ``model_info``; hand the reply on as ``info_of``'s."""
         try:
-            await self.upstream.call(
+            raw = await self.upstream.call(
                 ts_model, "model_info", b"", self.stale_after_s, model=ts_model, retry=False
             )
+            if info_of is not None:
+                self.on_info(info_of, raw)
         except Exception as exc:  # any failure is "no answer"; the next round tries again
             logger.debug("health probe of %s failed: %s", ts_model, exc)
         finally:

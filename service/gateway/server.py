@@ -18,6 +18,7 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.admission import Admission, PoolSize
 from service.gateway.auth import TokenAuthInterceptor, TokenFile
+from service.gateway.catalog import ModelCatalog
 from service.gateway.health import BackendHealth
 from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.memory import HeapTrimmer
@@ -66,7 +67,9 @@ class GatewayConfig:
         upstream: TorchServe gRPC inference address.
         upstream_key_file: TorchServe's ``key_file.json`` (its inference key); ``None``
             when TorchServe's token authorization is off.
-        models: served model names; the first is the default.
+        models: served model names.
+        default_model: the model a request with an empty ``model`` gets; ``None``: the
+            first of ``models``.
         split_pools: each model has a forward-only twin in TorchServe for Predict.
         explain_pool, predict_pool: the pools' workers and batch sizes, what the
             in-flight bounds are sized from (:class:`~service.gateway.admission.Admission`).
@@ -96,6 +99,7 @@ class GatewayConfig:
     upstream: str = "127.0.0.1:7070"
     upstream_key_file: Path | None = None
     models: tuple[str, ...] = ("shapes",)
+    default_model: str | None = None
     split_pools: bool = True
     explain_pool: PoolSize = DEFAULT_POOL
     predict_pool: PoolSize = DEFAULT_POOL
@@ -121,6 +125,7 @@ class Gateway:
 
     def __init__(self, config: GatewayConfig) -> None:
         self.config = config
+        self.catalog = ModelCatalog(config.models, config.default_model)
         self.metrics = GatewayMetrics()
         self.health = health.aio.HealthServicer()
         key = KeyFile(config.upstream_key_file) if config.upstream_key_file else None
@@ -139,13 +144,15 @@ class Gateway:
             split_pools=config.split_pools,
             interval_s=config.health_interval_s,
             stale_after_s=config.health_stale_after_s,
+            on_info=self.catalog.record,
         )
         self.admission = config.admission()
         self.servicer = ExplainServicer(
             self.upstream,
-            config.models,
+            self.catalog,
             self.metrics,
             self.admission,
+            self.backend.model_up,
             split_pools=config.split_pools,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = []

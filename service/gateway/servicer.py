@@ -1,50 +1,59 @@
 """The thin ExplainService servicer: admit, forward to TorchServe, turn reply errors into
 exceptions. Explanations go to the model's explain pool, Predict and GetModelInfo to its
-forward-only pool (:func:`~service.gateway.upstream.predict_pool`)."""
+forward-only pool (:func:`~service.gateway.upstream.predict_pool`); ListModels answers from
+the :class:`~service.gateway.catalog.ModelCatalog`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.admission import Admission
+from service.gateway.catalog import ModelCatalog
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import TorchServeClient, predict_pool, raise_payload_error
-from service.protocol.errors import InvalidInputError, clip
 from service.protocol.names import METHODS
 
 REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
 
 
 class ExplainServicer(pb_grpc.ExplainServiceServicer):
-    """Routes each call to the named (or default) model on TorchServe."""
+    """Routes each call to the named (or default) model on TorchServe.
+
+    Args:
+        serving: whether a served model's pools answer now (health), for ListModels.
+    """
 
     def __init__(
         self,
         upstream: TorchServeClient,
-        models: tuple[str, ...],
+        catalog: ModelCatalog,
         metrics: GatewayMetrics,
         admission: Admission,
+        serving: Callable[[str], bool],
         *,
         split_pools: bool = True,
     ) -> None:
         self.upstream = upstream
-        self.models = models
+        self.catalog = catalog
         self.metrics = metrics
         self.admission = admission
+        self.serving = serving
         self.split_pools = split_pools
 
     def model_label(self, request: object) -> str:
-        """A metric label from a closed set: a served model name or "unknown"."""
+        """A metric label from a closed set: a served model name, ``"all"`` for ListModels,
+        or ``"unknown"``."""
+        if isinstance(request, pb.ListModelsRequest):
+            return "all"
         name = getattr(request, "model", None)
         if name is None:  # not a request message at all (undecodable bytes)
             return "unknown"
-        name = name or self.models[0]
-        return name if name in self.models else "unknown"
+        return self.catalog.label(name)
 
     def _forward_only(self, model: str) -> str:
         return predict_pool(model) if self.split_pools else model
@@ -52,12 +61,7 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     def _model(
         self, request: pb.ExplainRequest | pb.PredictRequest | pb.GetModelInfoRequest
     ) -> str:
-        name = request.model or self.models[0]
-        if name not in self.models:
-            raise InvalidInputError(
-                f"unknown model {clip(request.model)}: this server serves {', '.join(self.models)}"
-            )
-        return name
+        return self.catalog.resolve(request.model)
 
     async def Explain(
         self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext
@@ -121,7 +125,13 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
             )
         info = pb.ModelInfo.FromString(raw)
         raise_payload_error(info.error)
+        self.catalog.record(model, raw)
         return info
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return self.catalog.listing(self.serving)
 
     def _observe(
         self,

@@ -164,12 +164,12 @@ def test_an_unknown_model_is_refused_without_an_upstream_call(
     # client saw as RESOURCE_EXHAUSTED; the name is echoed at most ~100 characters.
     with pytest.raises(grpc.RpcError) as err:
         stub.Explain(request(model="m" * 20_000), timeout=30)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
     details = err.value.details()  # type: ignore[attr-defined]
     assert "this server serves tiny" in details
     assert details.count("m") < 250 and len(details) < 300
     assert script.received == []
-    assert calls(gateway, "Explain", "INVALID_ARGUMENT", model="unknown") == 1
+    assert calls(gateway, "Explain", "NOT_FOUND", model="unknown") == 1
 
 
 def test_the_stream_forwards_parts_then_the_summary_error(

@@ -54,6 +54,11 @@ class ExplainServiceStub:
                 request_serializer=saliency_dot_v1_dot_saliency__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=saliency_dot_v1_dot_saliency__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/saliency.v1.ExplainService/ListModels',
+                request_serializer=saliency_dot_v1_dot_saliency__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=saliency_dot_v1_dot_saliency__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainServiceServicer:
@@ -89,6 +94,14 @@ class ExplainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """Every model this server serves, the default one marked: answered from the gateway's
+        cache of each model's GetModelInfo, without a call to the model server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_ExplainServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=saliency_dot_v1_dot_saliency__pb2.GetModelInfoRequest.FromString,
                     response_serializer=saliency_dot_v1_dot_saliency__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=saliency_dot_v1_dot_saliency__pb2.ListModelsRequest.FromString,
+                    response_serializer=saliency_dot_v1_dot_saliency__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +239,33 @@ class ExplainService:
             '/saliency.v1.ExplainService/GetModelInfo',
             saliency_dot_v1_dot_saliency__pb2.GetModelInfoRequest.SerializeToString,
             saliency_dot_v1_dot_saliency__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saliency.v1.ExplainService/ListModels',
+            saliency_dot_v1_dot_saliency__pb2.ListModelsRequest.SerializeToString,
+            saliency_dot_v1_dot_saliency__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

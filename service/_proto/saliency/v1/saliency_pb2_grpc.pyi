@@ -48,6 +48,10 @@ class ExplainServiceStub:
     """Labels, input size, and the methods, masks and scores this model can run, with their
     parameters.
     """
+    ListModels: _grpc.UnaryUnaryMultiCallable[_saliency_pb2.ListModelsRequest, _saliency_pb2.ListModelsResponse]
+    """Every model this server serves, the default one marked: answered from the gateway's
+    cache of each model's GetModelInfo, without a call to the model server.
+    """
 
 @_typing.type_check_only
 class ExplainServiceAsyncStub(ExplainServiceStub):
@@ -63,6 +67,10 @@ class ExplainServiceAsyncStub(ExplainServiceStub):
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_saliency_pb2.GetModelInfoRequest, _saliency_pb2.ModelInfo]  # type: ignore[assignment]
     """Labels, input size, and the methods, masks and scores this model can run, with their
     parameters.
+    """
+    ListModels: _aio.UnaryUnaryMultiCallable[_saliency_pb2.ListModelsRequest, _saliency_pb2.ListModelsResponse]  # type: ignore[assignment]
+    """Every model this server serves, the default one marked: answered from the gateway's
+    cache of each model's GetModelInfo, without a call to the model server.
     """
 
 class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -100,6 +108,16 @@ class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_saliency_pb2.ModelInfo, _abc.Awaitable[_saliency_pb2.ModelInfo]]:
         """Labels, input size, and the methods, masks and scores this model can run, with their
         parameters.
+        """
+
+    @_abc_1.abstractmethod
+    def ListModels(
+        self,
+        request: _saliency_pb2.ListModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saliency_pb2.ListModelsResponse, _abc.Awaitable[_saliency_pb2.ListModelsResponse]]:
+        """Every model this server serves, the default one marked: answered from the gateway's
+        cache of each model's GetModelInfo, without a call to the model server.
         """
 
 def add_ExplainServiceServicer_to_server(servicer: ExplainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
