@@ -283,6 +283,24 @@ def test_torchserve_listens_only_inside_the_pod_except_metrics(rendered: Rendere
     assert config["install_py_dep_per_model"] == "false"
 
 
+def test_both_containers_serve_the_image_layer_store(rendered: Rendered) -> None:
+    """The models are the image's /models layer (deploy/README.md, "Models"): TorchServe
+    registers every archive there and the gateway routes the same names, read from the same
+    folder of the same image; no volume hides that layer in either container."""
+    gw, ts = rendered.container("gateway"), rendered.container("torchserve")
+    assert rendered.container("gateway")["image"] == ts["image"]
+    assert _arg(gw, "--model-store") == _arg(ts, "--model-store") == "/models"
+    assert "--model" not in gw["args"]  # no hand-kept list of names to fall out of step
+    assert "--default-model" not in gw["args"]  # the store's rule, as `serve` applies it
+    for container in (gw, ts):
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+        assert not any(m == "/models" or m.startswith("/models/") for m in mounts), mounts
+    assert not any(
+        "persistentVolumeClaim" in v for v in rendered.pod_spec.get("volumes", [])
+    )  # nothing but the image decides what a replica serves
+    assert not rendered.pod_spec.get("initContainers")
+
+
 def test_torchserve_config_agrees_with_the_launcher(rendered: Rendered) -> None:
     """The ConfigMap replaces service/launcher.py's generated config: keep its contract."""
     from service.gateway.upstream import MAX_MESSAGE_BYTES
