@@ -172,13 +172,15 @@ def torchserve_channel(torchserve: TorchServe) -> grpc.Channel:
 
 def gateway_options(torchserve: TorchServe) -> dict[str, Any]:
     """The :class:`GatewayConfig` fields that a gateway in front of ``torchserve`` needs:
-    its key file, whether it split the pools, and the pools' sizes."""
-    explain, predict = torchserve.pools(next(iter(torchserve.models)))
+    its key file, whether it split the pools, and each model's pools' sizes."""
+    pools = {name: torchserve.pools(name) for name in torchserve.models}
+    explain, predict = next(iter(pools.values()))
     return {
         "upstream_key_file": torchserve.key_file,
         "split_pools": torchserve.split_pools,
         "explain_pool": explain,
         "predict_pool": predict,
+        "model_pools": pools,
     }
 
 

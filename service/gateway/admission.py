@@ -15,7 +15,7 @@ The gateway is one asyncio loop, so plain counters are enough: no lock.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from service.protocol.errors import OverloadedError
@@ -47,10 +47,17 @@ class Admission:
 
     Args:
         limits: kind (``explain``, ``predict``) -> most calls in flight per model.
+        model_limits: model -> its own bounds per kind (a store's archives may ask for
+            different workers and batch sizes), over ``limits``.
     """
 
-    def __init__(self, limits: Mapping[str, int]) -> None:
-        unknown = set(limits) - set(KINDS)
+    def __init__(
+        self,
+        limits: Mapping[str, int],
+        model_limits: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> None:
+        self.model_limits = {model: dict(own) for model, own in (model_limits or {}).items()}
+        unknown = set(limits).union(*self.model_limits.values()) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(KINDS)}")
         self.limits = dict(limits)
@@ -67,6 +74,14 @@ class Admission:
             }
         )
 
+    def limit(self, model: str, kind: str) -> int | None:
+        """The bound of ``kind`` for ``model`` (``None``: unbounded)."""
+        return self.model_limits.get(model, {}).get(kind, self.limits.get(kind))
+
+    def total(self, models: Iterable[str]) -> int:
+        """Every bound of every model added up: the most calls admission can hold."""
+        return sum(self.limit(model, kind) or 0 for model in models for kind in KINDS)
+
     @contextlib.contextmanager
     def admit(self, model: str, kind: str) -> Iterator[None]:
         """Hold one slot of ``kind`` for ``model`` for the block, or refuse at once.
@@ -75,7 +90,7 @@ class Admission:
             OverloadedError: the bound is reached; the message says to retry.
         """
         key = (model, kind)
-        limit = self.limits.get(kind)
+        limit = self.limit(model, kind)
         count = self.in_flight.get(key, 0)
         if limit is not None and count >= limit:
             self.refused[key] = self.refused.get(key, 0) + 1

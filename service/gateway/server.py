@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ class GatewayConfig:
         split_pools: each model has a forward-only twin in TorchServe for Predict.
         explain_pool, predict_pool: the pools' workers and batch sizes, what the
             in-flight bounds are sized from (:class:`~service.gateway.admission.Admission`).
+        model_pools: model -> its (explain, forward-only) pool sizes, when the models'
+            archives differ; a model not listed is sized from ``explain_pool`` and
+            ``predict_pool``.
         batches_per_worker: queued batches per worker the bounds allow.
         max_in_flight: explicit bounds per kind (``explain``, ``predict``), overriding
             the sized ones.
@@ -103,6 +107,7 @@ class GatewayConfig:
     split_pools: bool = True
     explain_pool: PoolSize = DEFAULT_POOL
     predict_pool: PoolSize = DEFAULT_POOL
+    model_pools: Mapping[str, tuple[PoolSize, PoolSize]] = field(default_factory=dict)
     batches_per_worker: int = 4
     max_in_flight: dict[str, int] = field(default_factory=dict)
     max_concurrent_rpcs: int | None = None
@@ -117,7 +122,14 @@ class GatewayConfig:
 
     def admission(self) -> Admission:
         sized = Admission.sized(self.explain_pool, self.predict_pool, self.batches_per_worker)
-        return Admission({**sized.limits, **self.max_in_flight})
+        own = {
+            model: {
+                **Admission.sized(explain, predict, self.batches_per_worker).limits,
+                **self.max_in_flight,  # explicit bounds hold for every model
+            }
+            for model, (explain, predict) in self.model_pools.items()
+        }
+        return Admission({**sized.limits, **self.max_in_flight}, own)
 
 
 class Gateway:
@@ -161,7 +173,7 @@ class Gateway:
         calls = ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label)
         interceptors.append(calls)
         self.trimmer = HeapTrimmer(lambda: calls.active, lambda: calls.started)
-        bound = sum(self.admission.limits.values())
+        bound = self.admission.total(config.models)
         self.server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=config.max_concurrent_rpcs or max(256, 4 * bound),

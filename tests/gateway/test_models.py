@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -14,8 +16,9 @@ import pytest
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service._proto.torchserve import inference_pb2 as ts_pb
+from service.gateway.admission import PoolSize
 from service.gateway.catalog import ModelCatalog
-from service.gateway.server import Gateway
+from service.gateway.server import DEFAULT_POOL, Gateway, GatewayConfig
 from service.gateway.upstream import PREDICT_SUFFIX
 from service.protocol.catalog import LISTED_NAMES
 from service.protocol.names import METHODS
@@ -195,3 +198,47 @@ def test_the_catalog_refuses_a_default_it_does_not_serve_and_keeps_good_infos() 
     assert catalog.infos == {"a": INFOS["alpha"]}
     (entry,) = catalog.listing(lambda _: False).models
     assert entry.version == "a1" and entry.default and not entry.serving
+
+
+def test_each_model_gets_the_bounds_its_own_pools_call_for() -> None:
+    small, large = PoolSize(workers=1, batch_size=1), PoolSize(workers=2, batch_size=4)
+    config = GatewayConfig(
+        models=("a", "b", "c"), model_pools={"a": (small, small), "b": (large, small)}
+    )
+    admission = config.admission()
+    assert [admission.limit("a", kind) for kind in ("explain", "predict")] == [4, 4]
+    assert [admission.limit("b", kind) for kind in ("explain", "predict")] == [32, 4]
+    assert admission.limit("c", "explain") == DEFAULT_POOL.bound(4)  # not listed: default
+    assert admission.total(config.models) == 4 + 4 + 32 + 4 + 2 * DEFAULT_POOL.bound(4)
+    explicit = GatewayConfig(models=("a", "b"), model_pools=config.model_pools)
+    explicit = replace(explicit, max_in_flight={"explain": 3})
+    assert [explicit.admission().limit(m, "explain") for m in ("a", "b")] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"health_interval_s": 60.0, "model_pools": {"alpha": (PoolSize(1, 1), PoolSize(1, 1))}}],
+)
+def test_a_full_model_refuses_while_another_still_admits(
+    gateway: Gateway, stub: pb_grpc.ExplainServiceStub, script: Script
+) -> None:
+    held = threading.Event()
+    script.hold["alpha--predict"] = held
+    with ThreadPoolExecutor(4) as pool:
+        try:
+            waiting = [
+                pool.submit(stub.Predict, pb.PredictRequest(model="alpha"), timeout=30)
+                for _ in range(4)  # alpha's bound: 1 worker x batch 1 x 4
+            ]
+            end = time.monotonic() + 20
+            while gateway.admission.in_flight.get(("alpha", "predict"), 0) < 4:
+                assert time.monotonic() < end, "the held calls were not admitted"
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(pb.PredictRequest(model="alpha"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            assert "model alpha" in err.value.details()  # type: ignore[attr-defined]
+            assert stub.Predict(pb.PredictRequest(), timeout=30).model.name == "beta"
+        finally:
+            held.set()
+        assert [f.result().model.name for f in waiting] == ["alpha"] * 4
