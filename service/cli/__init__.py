@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli import client_commands, server_commands
+from service.cli import client_commands, serve_command, server_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="saliency-serve", description=__doc__.splitlines()[0].replace("``", "")
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    serve_command.add_parser(sub)
     server_commands.add_parsers(sub)
     client_commands.add_parsers(sub)
     return parser

@@ -99,7 +99,7 @@ BAD_INPUTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "out of range",
     ),
-    "unknown model": (pb.ExplainRequest(model="nope"), grpc.StatusCode.INVALID_ARGUMENT, "nope"),
+    "unknown model": (pb.ExplainRequest(model="nope"), grpc.StatusCode.NOT_FOUND, "'nope'"),
 }
 
 
