@@ -100,3 +100,22 @@ def test_the_built_in_archive_name_is_the_archive_builders() -> None:
     from service.archive import DEFAULT_NAME
 
     assert DEFAULT_ARCHIVE == DEFAULT_NAME
+
+
+def test_the_gateway_routes_a_stores_names_by_the_same_rule(tmp_path: Path) -> None:
+    from service.cli import build_parser
+    from service.cli.server_commands import gateway_models
+
+    drop(tmp_path, "vit.mar", f"{DEFAULT_ARCHIVE}.mar", "alpha.mar")
+    parse = build_parser().parse_args
+    assert gateway_models(parse(["gateway", "--model-store", str(tmp_path)])) == (
+        ("alpha", DEFAULT_ARCHIVE, "vit"),
+        DEFAULT_ARCHIVE,
+    )
+    chosen = parse(["gateway", "--model-store", str(tmp_path), "--default-model", "vit"])
+    assert gateway_models(chosen)[1] == "vit"
+    assert gateway_models(parse(["gateway", "--model", "b", "--model", "a"])) == (("b", "a"), "a")
+    with pytest.raises(StoreError, match="not in the store"):
+        gateway_models(parse(["gateway", "--model", "a", "--default-model", "c"]))
+    with pytest.raises(SystemExit):  # one source of names, not two
+        parse(["gateway", "--model", "a", "--model-store", str(tmp_path)])

@@ -124,11 +124,10 @@ def _ensure_default_archive(store: Path) -> Path:
 
 @needs(GATEWAY_MODULES)
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from service.model_store import StoreError, choose_default, store_models
+    from service.model_store import StoreError
 
     try:
-        names = args.model or list(store_models(args.model_store))
-        default, _ = choose_default(names, args.default_model)
+        names, default = gateway_models(args)
     except StoreError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
@@ -136,12 +135,25 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         args,
         upstream=args.upstream,
         upstream_key_file=args.upstream_key_file,
-        models=tuple(names),
+        models=names,
         default_model=default,
         split_pools=not args.single_pool,
     )
     asyncio.run(_until_signal(config, args.drain_seconds))
     return 0
+
+
+def gateway_models(args: argparse.Namespace) -> tuple[tuple[str, ...], str]:
+    """The names ``gateway`` routes (``--model``, or its ``--model-store``'s archives, as
+    TorchServe registers them) and its default model, by ``serve``'s rule.
+
+    Raises:
+        StoreError: the store cannot be served, or ``--default-model`` is not among them.
+    """
+    from service.model_store import choose_default, store_models
+
+    names = tuple(args.model or store_models(args.model_store))
+    return names, choose_default(names, args.default_model)[0]
 
 
 async def _until_signal(config: Any, drain_s: float) -> None:
