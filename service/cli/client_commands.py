@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -20,6 +21,7 @@ from service.protocol.errors import InvalidInputError
 from service.protocol.families import DEFAULT_METHOD
 from service.protocol.names import MASKS, METHODS, SCORES
 
+T = TypeVar("T")
 DEFAULT_ADDRESS = "localhost:50051"
 MODEL_HELP = "a served model's name (`saliency-serve models` lists them); default: the server's"
 
@@ -87,6 +89,22 @@ def connect(args: argparse.Namespace) -> Any:
     return SaliencyClient(
         args.address, credentials=credentials, token=token, server_name=args.tls_server_name
     )
+
+
+def ask(args: argparse.Namespace, command: str, call: Callable[[Any], T]) -> T:
+    """One call through a client connected as ``args`` say; on failure, the reason on
+    stderr and exit status 2 (cannot connect: bad TLS files...) or 1 (the call failed)."""
+    try:
+        client = connect(args)
+    except (OSError, ValueError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with client:
+        try:
+            return call(client)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 def _assignments(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -173,17 +191,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"{title}: {', '.join(enum.names())}")
         print("(--address HOST:PORT lists descriptions and parameters from a server)")
         return 0
-    try:
-        client = connect(args)
-    except (OSError, ValueError) as exc:
-        print(f"methods: {exc}", file=sys.stderr)
-        return 2
-    with client:
-        try:
-            info = client.model_info(args.model)
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    info = ask(args, "methods", lambda client: client.model_info(args.model))
     for group in (info.methods, info.masks, info.scores):
         for entry in group:
             params = ", ".join(f"{p.name}={p.default}" for p in entry.params)
@@ -194,17 +202,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from service.protocol.catalog import describe
 
-    try:
-        client = connect(args)
-    except (OSError, ValueError) as exc:
-        print(f"models: {exc}", file=sys.stderr)
-        return 2
-    with client:
-        try:
-            listing = client.list_models()
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+    listing = ask(args, "models", lambda client: client.list_models())
     for entry in listing.models:
         state = "" if entry.serving else "  [not serving now]"
         print(describe(entry) + state)
