@@ -20,7 +20,7 @@ from service.gateway.admission import PoolSize
 from service.gateway.catalog import ModelCatalog
 from service.gateway.server import DEFAULT_POOL, Gateway, GatewayConfig
 from service.gateway.upstream import PREDICT_SUFFIX
-from service.protocol.catalog import LISTED_NAMES
+from service.protocol.catalog import LISTED_NAMES, describe
 from service.protocol.names import METHODS
 from tests.gateway.fake_torchserve import Script
 from tests.gateway.support import calls
@@ -242,3 +242,15 @@ def test_a_full_model_refuses_while_another_still_admits(
         finally:
             held.set()
         assert [f.result().model.name for f in waiting] == ["alpha"] * 4
+
+
+def test_a_model_not_answered_yet_is_listed_by_name_and_flags_only() -> None:
+    catalog = ModelCatalog(["a", "b"], default="b")
+    catalog.record("a", INFOS["alpha"].SerializeToString())
+    a, b = catalog.listing(lambda name: name == "a").models
+    assert (b.name, b.default, b.serving, b.version, list(b.methods)) == ("b", True, False, "", [])
+    assert describe(b) == "b (default): not answered yet"
+    total = len(METHODS.names())
+    assert describe(a) == (
+        f"a: version a1, input 3x32x32, 2 labels, CAM layer none, 1 of {total} methods"
+    )
