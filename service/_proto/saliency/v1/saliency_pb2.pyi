@@ -892,6 +892,101 @@ class GetModelInfoRequest(_message.Message):
 Global___GetModelInfoRequest: _TypeAlias = GetModelInfoRequest  # noqa: Y015
 
 @_typing.final
+class ListModelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
+
+@_typing.final
+class ModelSummary(_message.Message):
+    """One served model, as ListModels reports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DEFAULT_FIELD_NUMBER: _builtins.int
+    SERVING_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    LABELS_COUNT_FIELD_NUMBER: _builtins.int
+    TARGET_LAYER_FIELD_NUMBER: _builtins.int
+    METHODS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name a request's `model` field picks it by."""
+    default: _builtins.bool
+    """True for the model an empty `model` field picks."""
+    serving: _builtins.bool
+    """Whether its worker pools answer now (its grpc.health.v1 service, `<name>`)."""
+    version: _builtins.str
+    """Empty until a worker has answered its GetModelInfo since the gateway started (its
+    health probe asks within one health interval); then the fields below are set.
+    """
+    channels: _builtins.int
+    height: _builtins.int
+    width: _builtins.int
+    labels_count: _builtins.int
+    target_layer: _builtins.str
+    """The layer CAM methods read; empty when it has none."""
+    @_builtins.property
+    def methods(self) -> _containers.RepeatedScalarFieldContainer[Global___Method.ValueType]:
+        """The methods this model can run (GetModelInfo lists them all, with parameters)."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        default: _builtins.bool = ...,
+        serving: _builtins.bool = ...,
+        version: _builtins.str = ...,
+        channels: _builtins.int = ...,
+        height: _builtins.int = ...,
+        width: _builtins.int = ...,
+        labels_count: _builtins.int = ...,
+        target_layer: _builtins.str = ...,
+        methods: _abc.Iterable[Global___Method.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "default", b"default", "height", b"height", "labels_count", b"labels_count", "methods", b"methods", "name", b"name", "serving", b"serving", "target_layer", b"target_layer", "version", b"version", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSummary: _TypeAlias = ModelSummary  # noqa: Y015
+
+@_typing.final
+class ListModelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODELS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSummary]:
+        """In name order."""
+
+    def __init__(
+        self,
+        *,
+        models: _abc.Iterable[Global___ModelSummary] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
+
+@_typing.final
 class ParamInfo(_message.Message):
     """One parameter of a method, mask or score."""
 
@@ -1143,98 +1238,3 @@ class ModelInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
-
-@_typing.final
-class ListModelsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListModelsRequest: _TypeAlias = ListModelsRequest  # noqa: Y015
-
-@_typing.final
-class ModelSummary(_message.Message):
-    """One served model, as ListModels reports it."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    DEFAULT_FIELD_NUMBER: _builtins.int
-    SERVING_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    CHANNELS_FIELD_NUMBER: _builtins.int
-    HEIGHT_FIELD_NUMBER: _builtins.int
-    WIDTH_FIELD_NUMBER: _builtins.int
-    LABELS_COUNT_FIELD_NUMBER: _builtins.int
-    TARGET_LAYER_FIELD_NUMBER: _builtins.int
-    METHODS_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """The name a request's `model` field picks it by."""
-    default: _builtins.bool
-    """True for the model an empty `model` field picks."""
-    serving: _builtins.bool
-    """Whether its worker pools answer now (its grpc.health.v1 service, `<name>`)."""
-    version: _builtins.str
-    """Empty until a worker has answered its GetModelInfo since the gateway started (its
-    health probe asks within one health interval); then the fields below are set.
-    """
-    channels: _builtins.int
-    height: _builtins.int
-    width: _builtins.int
-    labels_count: _builtins.int
-    target_layer: _builtins.str
-    """The layer CAM methods read; empty when it has none."""
-    @_builtins.property
-    def methods(self) -> _containers.RepeatedScalarFieldContainer[Global___Method.ValueType]:
-        """The methods this model can run (GetModelInfo lists them all, with parameters)."""
-
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        default: _builtins.bool = ...,
-        serving: _builtins.bool = ...,
-        version: _builtins.str = ...,
-        channels: _builtins.int = ...,
-        height: _builtins.int = ...,
-        width: _builtins.int = ...,
-        labels_count: _builtins.int = ...,
-        target_layer: _builtins.str = ...,
-        methods: _abc.Iterable[Global___Method.ValueType] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "default", b"default", "height", b"height", "labels_count", b"labels_count", "methods", b"methods", "name", b"name", "serving", b"serving", "target_layer", b"target_layer", "version", b"version", "width", b"width"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ModelSummary: _TypeAlias = ModelSummary  # noqa: Y015
-
-@_typing.final
-class ListModelsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MODELS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSummary]:
-        """In name order."""
-
-    def __init__(
-        self,
-        *,
-        models: _abc.Iterable[Global___ModelSummary] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ListModelsResponse: _TypeAlias = ListModelsResponse  # noqa: Y015
