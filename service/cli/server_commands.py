@@ -19,7 +19,7 @@ from typing import Any
 
 DEFAULT_STORE = Path(os.environ.get("SALIENCY_MODEL_STORE", "model_store"))
 SERVER_MODULES = ("torch", "onnxruntime", "cv2", "ts")
-GATEWAY_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client")
+GATEWAY_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client", "starlette", "uvicorn")
 Command = Callable[[argparse.Namespace], int]
 
 

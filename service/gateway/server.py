@@ -15,6 +15,8 @@ from prometheus_client import start_http_server
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
+from service.gateway.http.app import HttpSettings
+from service.gateway.http.front import HttpFront
 from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ExplainServicer
@@ -36,6 +38,8 @@ class GatewayConfig:
         models: served model names; the first is the default.
         max_message_bytes: largest request accepted (RESOURCE_EXHAUSTED above it).
         health_interval_s: how often TorchServe's readiness is polled.
+        http_port: HTTP/JSON API and web page on ``host`` at this port (0 picks a free
+            one); ``None``: no HTTP.
     """
 
     host: str = "0.0.0.0"
@@ -46,6 +50,7 @@ class GatewayConfig:
     models: tuple[str, ...] = ("shapes",)
     max_message_bytes: int = GATEWAY_RECEIVE_BYTES
     health_interval_s: float = 2.0
+    http_port: int | None = None
 
 
 class Gateway:
@@ -63,6 +68,13 @@ class Gateway:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
+        )
+        self.http = (
+            HttpFront(
+                config.host, config.http_port, HttpSettings(config.models, config.max_message_bytes)
+            )
+            if config.http_port is not None
+            else None
         )
         self.port = 0
         self.metrics_port = 0
@@ -88,7 +100,11 @@ class Gateway:
         )
         self.metrics_port = self._metrics_server.server_port
         await self._set_serving(await self.upstream.healthy())
+        if self.http is not None:  # HTTP calls come in through the same server
+            self.server.add_insecure_port(self.http.internal_address)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         self._poller = asyncio.create_task(self._poll_health())
 
     async def _poll_health(self) -> None:
@@ -113,6 +129,8 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
         await self.upstream.close()
         if self._metrics_server is not None:
@@ -141,6 +159,8 @@ async def run_gateway(config: GatewayConfig, stop: asyncio.Event | None = None) 
         f"http://{config.metrics_host}:{gateway.metrics_port}/metrics",
         flush=True,
     )
+    if gateway.http is not None:
+        print(f"web page and HTTP/JSON: {gateway.http.url}", flush=True)
     try:
         await (stop.wait() if stop else asyncio.Event().wait())
     finally:

@@ -1,0 +1,63 @@
+"""The real gateway (gRPC server, interceptor, metrics, HTTP front) over a fake TorchServe,
+reached with a real HTTP client on loopback: the HTTP path without Java."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.gateway.server import Gateway
+from service.stack import running_gateway
+from tests.gateway.fake_torchserve import Script, fake_torchserve
+
+MODEL = "tiny"
+IMAGE = b"\x89PNG not really: the gateway never decodes images"
+
+
+@pytest.fixture
+def script() -> Script:
+    return Script()
+
+
+@pytest.fixture
+def gateway(script: Script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
+    monkeypatch.setenv("SALIENCY_CANCEL_DIR", str(tmp_path / "cancel"))
+    with (
+        fake_torchserve(script) as upstream,
+        running_gateway(upstream, [MODEL], health_interval_s=60.0) as started,
+    ):
+        yield started.gateway
+
+
+@pytest.fixture
+def http(gateway: Gateway) -> Iterator[httpx.Client]:
+    assert gateway.http is not None
+    with httpx.Client(base_url=f"http://127.0.0.1:{gateway.http.port}", timeout=30) as client:
+        yield client
+
+
+def body(image: bytes = IMAGE, **parameters: object) -> dict[str, object]:
+    """A KServe v1 body with one instance."""
+    return {
+        "instances": [{"image": {"b64": base64.b64encode(image).decode()}}],
+        "parameters": parameters,
+    }
+
+
+def calls(gateway: Gateway, rpc: str, code: str, *, expect: float = 1.0) -> float:
+    """Calls in the gateway's latency histogram with these labels; waits (up to 5 s) for
+    ``expect`` of them, as the interceptor records a call just after its status went out."""
+    labels = {"method": rpc, "model": MODEL, "code": code}
+    deadline = time.monotonic() + 5.0
+    while True:
+        value = gateway.metrics.registry.get_sample_value(
+            "saliency_request_duration_seconds_count", labels
+        )
+        if (value or 0.0) >= expect or time.monotonic() > deadline:
+            return value or 0.0
+        time.sleep(0.02)
