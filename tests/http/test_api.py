@@ -146,7 +146,17 @@ def test_models_are_listed_and_described_from_the_registries(
     assert described["input"] == {"channels": 3, "height": 64, "width": 64}
     (method,) = described["methods"]
     assert method["name"] == "grad_cam" and method["available"] is False
-    assert method["params"] == [{"name": "relu", "type": "bool", "default": "true"}]
+    assert method["params"] == [
+        {
+            "name": "relu",
+            "type": "bool",
+            "default": "true",
+            "minimum_exclusive": False,
+            "maximum_exclusive": False,
+            "choices": [],
+            "doc": "",
+        }
+    ]  # every field, set or not (bounds only when the parameter has them)
     assert [m["name"] for m in described["masks"]] == ["threshold"]
     assert described["defaults"]["method"] in METHODS.names()
     assert calls(gateway, "GetModelInfo", "OK") == 1

@@ -103,7 +103,9 @@ def scores_json(update: pb.ScoreUpdate) -> dict[str, Any]:
 
 def generic_json(message: Message) -> dict[str, Any]:
     """Any message as JSON (a stream part kind this module does not know yet)."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
 
 
 def _params(params: Any) -> list[dict[str, Any]]:
