@@ -205,7 +205,7 @@ async function imagePixels(width, height) {
   if (!state.pixels.has(key)) {
     const canvas = new OffscreenCanvas(width, height);
     const ctx = canvas.getContext("2d");
-    ctx.drawImage(state.bitmap, 0, 0, width, height);
+    if (state.bitmap) ctx.drawImage(state.bitmap, 0, 0, width, height);
     state.pixels.set(key, ctx.getImageData(0, 0, width, height));
   }
   return state.pixels.get(key);
@@ -320,7 +320,9 @@ async function chooseFile(file) {
   if (!file) return;
   state.file = file;
   state.b64 = await fileBase64(file);
-  state.bitmap = await createImageBitmap(file); // upright, as the server sees it
+  // Upright, as the server sees it; bytes the browser cannot decode still go to the
+  // server, whose refusal says what is wrong with them.
+  state.bitmap = await createImageBitmap(file).catch(() => null);
   state.pixels.clear();
   const preview = $("preview");
   preview.src = URL.createObjectURL(file);
