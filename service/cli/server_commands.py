@@ -146,6 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             upstream=f"127.0.0.1:{ports.grpc_inference}",
             models=(mar.stem,),
+            http_port=http_port(args),
         )
         asyncio.run(_until_signal(config))
     finally:
@@ -174,6 +175,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         upstream=args.upstream,
         models=tuple(args.model),
+        http_port=http_port(args),
     )
     asyncio.run(_until_signal(config))
     return 0
@@ -215,6 +217,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_http_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="HTTP/JSON API (KServe v1 paths) and the web page, on the gRPC host (0: a free port)",
+    )
+    parser.add_argument("--no-http", action="store_true", help="serve gRPC only")
+
+
+def http_port(args: argparse.Namespace) -> int | None:
+    return None if args.no_http else int(args.http_port)
+
+
 def add_parsers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="TorchServe + gateway, default model built once")
     serve.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
@@ -226,6 +242,7 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="TorchServe on free loopback ports instead of 8080-8082/7070-7071",
     )
+    add_http_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     gateway = sub.add_parser("gateway", help="the gRPC gateway alone")
@@ -233,6 +250,7 @@ def add_parsers(sub: Any) -> None:
     gateway.add_argument("--metrics-port", type=int, default=9464)
     gateway.add_argument("--upstream", default="127.0.0.1:7070")
     gateway.add_argument("--model", action="append", default=None, required=True)
+    add_http_flags(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
     torchserve = sub.add_parser("torchserve", help="TorchServe in the foreground")
