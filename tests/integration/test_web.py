@@ -46,7 +46,7 @@ def boundary(mask: np.ndarray) -> np.ndarray:
 
 def largest_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Inclusive (x_min, y_min, x_max, y_max) of the largest 8-connected component."""
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), 8)
     best = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
     ys, xs = np.nonzero(labels == best)
     return int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
