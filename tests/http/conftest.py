@@ -3,14 +3,19 @@ reached with a real HTTP client on loopback: the HTTP path without Java."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.gateway.http.app import HttpSettings
+from service.gateway.http.front import HttpFront
 from service.gateway.server import Gateway
 from service.stack import running_gateway
 from tests.gateway.fake_torchserve import Script, fake_torchserve
@@ -61,3 +66,20 @@ def calls(gateway: Gateway, rpc: str, code: str, *, expect: float = 1.0) -> floa
         if (value or 0.0) >= expect or time.monotonic() > deadline:
             return value or 0.0
         time.sleep(0.02)
+
+
+@contextmanager
+def http_front(settings: HttpSettings, target: str) -> Iterator[HttpFront]:
+    """An HTTP front with ``settings`` calling the gRPC server at ``target``, on a loop of
+    its own in a thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="http-front", daemon=True)
+    thread.start()
+    front = HttpFront("127.0.0.1", 0, settings, target=target)
+    try:
+        asyncio.run_coroutine_threadsafe(front.start(), loop).result(30)
+        yield front
+    finally:
+        asyncio.run_coroutine_threadsafe(front.stop(grace=1), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

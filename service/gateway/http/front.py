@@ -64,20 +64,25 @@ class HttpFront:
         host, port: where it listens (port 0 picks a free one).
         settings: the API's limits and token check.
         tls: serve HTTPS; ``None``: plain HTTP.
-
-    ``internal_address`` is the gRPC address (``unix:...``) the gateway's server must
-    also listen on, before it starts; :meth:`start` after the server did.
+        target: the gateway's gRPC address to call, plaintext; ``None``: a Unix socket
+            of its own (``internal_address``), which the gateway's server must also
+            listen on before it starts. :meth:`start` after the server did.
     """
 
     def __init__(
-        self, host: str, port: int, settings: HttpSettings, tls: HttpTLS | None = None
+        self,
+        host: str,
+        port: int,
+        settings: HttpSettings,
+        tls: HttpTLS | None = None,
+        target: str | None = None,
     ) -> None:
         self.host = host
         self.requested_port = port
         self.settings = settings
         self.tls = tls
         self._dir = Path(tempfile.mkdtemp(prefix="saliency-http-"))  # 0700
-        self.internal_address = f"unix:{self._dir / 'gateway.sock'}"
+        self.internal_address = target or f"unix:{self._dir / 'gateway.sock'}"
         self.port = 0
         self._channel: grpc.aio.Channel | None = None
         self._server: uvicorn.Server | None = None

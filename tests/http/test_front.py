@@ -1,0 +1,108 @@
+"""The HTTP front's own guards, each with settings of its own: calls in flight, a body
+that trickles in, and the token check."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.client import HTTPConnection
+
+import httpx
+import pytest
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.gateway.http.app import HttpSettings
+from service.gateway.http.front import HttpFront
+from service.gateway.server import Gateway
+from service.protocol.limits import GATEWAY_RECEIVE_BYTES
+from tests.gateway.fake_torchserve import Script
+from tests.http.conftest import MODEL, body, http_front
+
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture
+def front(gateway: Gateway) -> Iterator[HttpFront]:
+    settings = HttpSettings(
+        models=(MODEL,),
+        max_message_bytes=GATEWAY_RECEIVE_BYTES,
+        authorize=lambda header: header == f"Bearer {TOKEN}",
+        max_in_flight=1,
+        body_timeout_s=0.5,
+    )
+    with http_front(settings, f"127.0.0.1:{gateway.port}") as started:
+        yield started
+
+
+def client(front: HttpFront, token: str | None = TOKEN) -> httpx.Client:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=f"http://127.0.0.1:{front.port}", headers=headers, timeout=30)
+
+
+def test_calls_over_the_in_flight_bound_are_429_and_the_others_finish(
+    front: HttpFront, script: Script
+) -> None:
+    release = threading.Event()
+
+    def slow(_: object) -> bytes:
+        release.wait(10)
+        return pb.ExplainResponse().SerializeToString()
+
+    script.unary["request"] = slow
+    first: list[httpx.Response] = []
+    with client(front) as http:
+        worker = threading.Thread(
+            target=lambda: first.append(http.post(f"/v1/models/{MODEL}:explain", json=body()))
+        )
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not script.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = client(front).post(f"/v1/models/{MODEL}:explain", json=body())
+        release.set()
+        worker.join(10)
+    assert second.status_code == 429
+    assert second.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+    assert first[0].status_code == 200
+    assert len(script.received) == 1  # the refused call cost the worker nothing
+
+
+def test_a_body_that_does_not_arrive_in_time_is_408(front: HttpFront, script: Script) -> None:
+    connection = HTTPConnection("127.0.0.1", front.port, timeout=10)
+    connection.putrequest("POST", f"/v1/models/{MODEL}:explain")
+    connection.putheader("authorization", f"Bearer {TOKEN}")
+    connection.putheader("content-length", "1000")
+    connection.endheaders()
+    connection.send(b'{"instances": ')  # and then nothing more
+    answer = connection.getresponse()
+    assert answer.status == 408
+    assert json.loads(answer.read())["error"]["code"] == "DEADLINE_EXCEEDED"
+    connection.close()
+    assert script.received == []
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_calls_without_a_valid_token_are_401(
+    front: HttpFront, script: Script, token: str | None
+) -> None:
+    with client(front, token) as http:
+        for reply in (
+            http.get("/v1/models"),
+            http.get(f"/v1/models/{MODEL}"),
+            http.post(f"/v1/models/{MODEL}:explain", json=body()),
+            http.post("/v1/models/unknown:predict", json=body()),  # no model names leak
+        ):
+            assert reply.status_code == 401, reply.text
+            assert reply.json()["error"]["code"] == "UNAUTHENTICATED"
+            assert reply.headers["www-authenticate"] == "Bearer"
+        assert http.get("/").status_code == 200  # the page itself holds no secret
+    assert script.received == []
+
+
+def test_a_valid_token_is_let_in(front: HttpFront, script: Script) -> None:
+    script.unary["predict"] = lambda _: pb.PredictResponse().SerializeToString()
+    with client(front) as http:
+        assert http.get("/v1/models").json() == {"models": [MODEL]}
+        assert http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code == 200
