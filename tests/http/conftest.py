@@ -9,7 +9,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,26 +16,12 @@ import pytest
 from service.gateway.http.app import HttpSettings
 from service.gateway.http.front import HttpFront
 from service.gateway.server import Gateway
-from service.stack import running_gateway
-from tests.gateway.fake_torchserve import Script, fake_torchserve
+from tests.gateway.test_gateway import gateway, script  # the fixtures: the same stack
 
-MODEL = "tiny"
+__all__ = ["gateway", "script"]
+
+MODEL = "tiny"  # the gateway tests' served model
 IMAGE = b"\x89PNG not really: the gateway never decodes images"
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
-
-
-@pytest.fixture
-def gateway(script: Script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
-    monkeypatch.setenv("SALIENCY_CANCEL_DIR", str(tmp_path / "cancel"))
-    with (
-        fake_torchserve(script) as upstream,
-        running_gateway(upstream, [MODEL], health_interval_s=60.0) as started,
-    ):
-        yield started.gateway
 
 
 @pytest.fixture
