@@ -106,3 +106,20 @@ def test_a_valid_token_is_let_in(front: HttpFront, script: Script) -> None:
     with client(front) as http:
         assert http.get("/v1/models").json() == {"models": [MODEL]}
         assert http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code == 200
+
+
+def test_responses_go_out_at_once_on_kept_alive_connections(gateway: Gateway) -> None:
+    # With Nagle's algorithm on, each response after the first on a connection waited for
+    # the client's delayed ACK (~40 ms): every accepted socket must have it off.
+    import socket
+
+    assert gateway.http is not None and gateway.http._server is not None
+    connection = HTTPConnection("127.0.0.1", gateway.http.port, timeout=10)
+    connection.request("GET", "/v1/models")
+    assert connection.getresponse().read()
+    sockets = [
+        c.transport.get_extra_info("socket")  # type: ignore[attr-defined]
+        for c in gateway.http._server.server_state.connections
+    ]
+    assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+    connection.close()
