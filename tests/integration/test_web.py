@@ -156,3 +156,34 @@ def test_a_file_that_is_no_image_shows_the_servers_refusal(page: Any, tmp_path: 
     page.wait_for_selector("#status.error", timeout=30_000)
     assert page.inner_text("#status").startswith("INVALID_ARGUMENT:")
     page.errors.clear()  # the failed fetch is logged by Chromium as a console error
+
+
+def test_a_dropped_image_is_explained_with_the_parameters_set_on_the_page(page: Any) -> None:
+    for box in page.query_selector_all("#methods input:checked"):
+        box.uncheck()
+    page.check("#methods input[value=integrated_gradients]")
+    page.click("#methods .entry:has(input[value=integrated_gradients]) summary")
+    page.fill('[id="integrated_gradients.n_steps"]', "8")
+    page.select_option("#mask", "grabcut")
+    page.check("#scores input[value=insertion_auc]")
+    data = base64.b64encode(EXAMPLE.read_bytes()).decode()
+    page.evaluate(
+        """(data) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+            const drop = document.getElementById("drop");
+            drop.dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+        }""",
+        data,
+    )
+    page.wait_for_selector(card("integrated_gradients"), timeout=60_000)
+    page.wait_for_selector("#status.ok", timeout=60_000)
+    item = json.loads(
+        downloaded_bytes(page, f"{card('integrated_gradients')} [data-download=json]")
+    )
+    assert item["params"]["n_steps"] == "8"  # what the worker ran with
+    assert item["mask"]["kind"] == "grabcut"
+    assert set(item["scores"]) == {"insertion_auc"}
+    assert "insertion_auc" in page.inner_text(f"{card('integrated_gradients')} .facts")
+    assert page.inner_text("#drop-hint") == "dropped.png"
