@@ -22,7 +22,10 @@ from PIL import Image
 
 from service.client import SaliencyClient
 from service.client.overlay import JET
+from service.gateway.http.app import HttpSettings
+from service.protocol.limits import GATEWAY_RECEIVE_BYTES
 from service.stack import RunningGateway
+from tests.http.conftest import http_front
 from tests.integration.browser import canvas_rgba, chromium, downloaded_bytes, png_pixels
 
 pytestmark = pytest.mark.integration
@@ -187,3 +190,25 @@ def test_a_dropped_image_is_explained_with_the_parameters_set_on_the_page(page: 
     assert set(item["scores"]) == {"insertion_auc"}
     assert "insertion_auc" in page.inner_text(f"{card('integrated_gradients')} .facts")
     assert page.inner_text("#drop-hint") == "dropped.png"
+
+
+def test_the_page_asks_for_a_token_when_the_server_wants_one(
+    browser: Any, gateway: RunningGateway
+) -> None:
+    settings = HttpSettings(
+        models=("shapes",),
+        max_message_bytes=GATEWAY_RECEIVE_BYTES,
+        authorize=lambda header: header == "Bearer let-me-in",
+    )
+    with http_front(settings, gateway.address) as front:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{front.port}/")
+        page.wait_for_selector("#token-row:not([hidden])")
+        assert page.inner_text("#status").startswith("UNAUTHENTICATED:")
+        page.fill("#token", "let-me-in")
+        page.dispatch_event("#token", "change")
+        page.wait_for_selector("#methods input[value=grad_cam]")
+        page.set_input_files("#file", str(EXAMPLE))
+        page.wait_for_selector("#status.ok", timeout=60_000)
+        assert len(page.query_selector_all(".explanation.ready")) == 1  # the default method
+        page.close()
