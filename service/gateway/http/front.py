@@ -21,10 +21,10 @@ import contextlib
 import logging
 import shutil
 import socket
+import ssl
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import uvicorn
@@ -40,22 +40,21 @@ CHANNEL_OPTIONS = [
 ]
 
 
-@dataclass(frozen=True)
-class HttpTLS:
-    """TLS of the HTTP listener: the gRPC listener's certificate, and its client CA
-    (mutual TLS) when it has one."""
+class TLSFiles(Protocol):
+    """A certificate, its key, and the CA of client certificates (mutual TLS) or None:
+    what the gateway's gRPC listener serves, which the HTTP listener serves too."""
 
     cert: Path
     key: Path
-    client_ca: Path | None = None
+    client_ca: Path | None
 
-    def uvicorn_options(self) -> dict[str, Any]:
-        import ssl
 
-        options: dict[str, Any] = {"ssl_certfile": str(self.cert), "ssl_keyfile": str(self.key)}
-        if self.client_ca is not None:
-            options |= {"ssl_ca_certs": str(self.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
-        return options
+def uvicorn_tls(tls: TLSFiles) -> dict[str, Any]:
+    """uvicorn's options for ``tls``: HTTPS, requiring client certificates under mTLS."""
+    options: dict[str, Any] = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)}
+    if tls.client_ca is not None:
+        options |= {"ssl_ca_certs": str(tls.client_ca), "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return options
 
 
 class HttpFront:
@@ -75,7 +74,7 @@ class HttpFront:
         host: str,
         port: int,
         settings: HttpSettings,
-        tls: HttpTLS | None = None,
+        tls: TLSFiles | None = None,
         target: str | None = None,
     ) -> None:
         self.host = host
@@ -108,7 +107,7 @@ class HttpFront:
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=5,
-            **(self.tls.uvicorn_options() if self.tls else {}),
+            **(uvicorn_tls(self.tls) if self.tls else {}),
         )
         config.load()
         server = uvicorn.Server(config)
