@@ -188,12 +188,13 @@ class MaskSpec(Member):
 
 @dataclass(frozen=True)
 class ScoreSpec(Member):
-    """A faithfulness score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64
-    ``(N,)``; ``higher_is_better`` says which way a faithful map moves it, and
-    ``cost(params, (C, H, W))`` is its work for one map."""
+    """A score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64 ``(N,)``.
+    ``higher_is_better``: which way a faithful map moves it; ``cost(params, (C, H, W))``: its
+    work per map; ``reexplains(params)``: how often it re-runs the method per map, if it does."""
 
     higher_is_better: bool
     cost: CostFn
+    reexplains: Callable[[ResolvedParams], int] | None
 
 
 METHODS: Registry[MethodSpec] = Registry(
@@ -269,8 +270,9 @@ def register_score(
     higher_is_better: bool,
     cost: CostFn,
     params: tuple[Param, ...] = (),
+    reexplains: Callable[[ResolvedParams], int] | None = None,
 ) -> Callable[[FnT], FnT]:
-    """Decorator that adds a faithfulness score under ``name``."""
+    """Decorator that adds a score under ``name``."""
     return _register(
         SCORES,
         ScoreSpec,
@@ -279,6 +281,7 @@ def register_score(
         description=description,
         paper=paper,
         higher_is_better=higher_is_better,
+        reexplains=reexplains,
         validate=None,
         cost=cost,
     )

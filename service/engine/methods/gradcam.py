@@ -30,37 +30,80 @@ CHATTOPADHAY_2018 = "https://arxiv.org/abs/1710.11063"
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's stabiliser in the alpha denominator
 
 
+def require_layer(ctx: ExplainContext) -> torch.nn.Module:
+    """The CAM layer, or ``UnsupportedMethodError`` for a model without one."""
+    if ctx.target_layer is None:
+        raise UnsupportedMethodError("CAM methods need a target layer; this model has none")
+    return ctx.target_layer
+
+
+def _spatial(activation: torch.Tensor) -> torch.Tensor:
+    if activation.dim() != 4:
+        raise UnsupportedMethodError(
+            f"target layer output must be (N, C, H, W), got {tuple(activation.shape)}"
+        )
+    return activation
+
+
+def layer_pass(
+    model: torch.nn.Module, layer: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's layer activations ``A`` and ``d S_t / d A``, each ``(N, K, h, w)`` float32."""
+    # The activations are a leaf of their own: the forward up to the layer builds no
+    # graph (input and parameters do not require grad), and the backward runs only
+    # through the layers after it (16% off Grad-CAM on the default model).
+    with torch.enable_grad(), capture_activations(layer, leaf=True) as capture:
+        selected = target_logits(model(rows.detach()), targets)
+        activation = _spatial(capture.single())
+        if not selected.requires_grad:
+            raise UnsupportedMethodError("the logits do not depend on the target layer")
+        (grad,) = torch.autograd.grad(selected.sum(), activation, allow_unused=True)
+    if grad is None:
+        raise UnsupportedMethodError("the logits do not depend on the target layer")
+    # float32 whatever the layer computed in (autocast): the CAM sums run at full precision
+    return activation.detach().float(), grad.detach().float()
+
+
+def layer_activations(ctx: ExplainContext, inputs: torch.Tensor) -> torch.Tensor:
+    """Target layer activations ``(B, K, h, w)`` float32, forwards only, in chunks."""
+    model, layer = require_model(ctx), require_layer(ctx)
+    acts = []
+    for part in row_chunks(ctx, inputs.shape[0]):
+        with torch.no_grad(), capture_activations(layer) as capture:
+            model(inputs[part])
+            acts.append(_spatial(capture.single()).float())
+    return torch.cat(acts)
+
+
 def layer_activations_and_gradients(
     ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target layer activations ``A`` and ``d S_t / d A``, each ``(B, K, h, w)``, detached."""
-    model = require_model(ctx)
-    if ctx.target_layer is None:
-        raise UnsupportedMethodError("CAM methods need a target layer; this model has none")
+    model, layer = require_model(ctx), require_layer(ctx)
     acts, grads = [], []
     for part in row_chunks(ctx, inputs.shape[0]):
-        # The activations are a leaf of their own: the forward up to the layer builds no
-        # graph (input and parameters do not require grad), and the backward runs only
-        # through the layers after it (16% off Grad-CAM on the default model).
-        with torch.enable_grad(), capture_activations(ctx.target_layer, leaf=True) as capture:
-            selected = target_logits(model(inputs[part].detach()), targets[part])
-            activation = capture.single()
-            if activation.dim() != 4:
-                raise UnsupportedMethodError(
-                    f"target layer output must be (N, C, H, W), got {tuple(activation.shape)}"
-                )
-            if not selected.requires_grad:
-                raise UnsupportedMethodError("the logits do not depend on the target layer")
-            (grad,) = torch.autograd.grad(selected.sum(), activation, allow_unused=True)
-        if grad is None:
-            raise UnsupportedMethodError("the logits do not depend on the target layer")
-        # float32 whatever the layer computed in (autocast): the CAM sums run at full precision
-        acts.append(activation.detach().float())
-        grads.append(grad.detach().float())
+        activation, grad = layer_pass(model, layer, inputs[part], targets[part])
+        acts.append(activation)
+        grads.append(grad)
     return torch.cat(acts), torch.cat(grads)
 
 
-def _to_input_size(cam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+def grad_cam_pp_weights(
+    acts: torch.Tensor, grads: torch.Tensor, grads_2: torch.Tensor, grads_3: torch.Tensor
+) -> torch.Tensor:
+    """Grad-CAM++ channel weights ``w_k = sum_ij a^k_ij ReLU(g^k_ij)``, shape ``(B, K, 1, 1)``.
+
+    ``a^k_ij = g2 / (2 g2 + sum_ab A^k_ab g3 + 1e-6)`` (eq. 19), ``0`` where ``g2 = 0``. Plain
+    Grad-CAM++ passes ``g, g^2, g^3`` of one gradient; Smooth Grad-CAM++ their averages
+    over noisy copies.
+    """
+    act_sum = acts.sum(dim=(2, 3), keepdim=True)
+    aij = grads_2 / (2 * grads_2 + act_sum * grads_3 + GRADCAM_PP_EPS)
+    aij = torch.where(grads_2 != 0, aij, torch.zeros_like(aij))
+    return (aij * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
+
+
+def to_input_size(cam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """ReLU, then bilinear upsampling ``(B, h, w) -> (B, H, W)`` as Captum's ``interpolate``."""
     cam = F.relu(cam).unsqueeze(1)
     size = (inputs.shape[-2], inputs.shape[-1])
@@ -94,7 +137,7 @@ def grad_cam(ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor) -
     """
     acts, grads = layer_activations_and_gradients(ctx, inputs, targets)
     alpha = grads.mean(dim=(2, 3), keepdim=True)
-    return Attribution(maps=_to_input_size((alpha * acts).sum(dim=1), inputs))
+    return Attribution(maps=to_input_size((alpha * acts).sum(dim=1), inputs))
 
 
 @register_method(
@@ -129,9 +172,5 @@ def grad_cam_pp(ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor
     """
     acts, grads = layer_activations_and_gradients(ctx, inputs, targets)
     grads_2 = grads.pow(2)
-    grads_3 = grads_2 * grads
-    act_sum = acts.sum(dim=(2, 3), keepdim=True)
-    aij = grads_2 / (2 * grads_2 + act_sum * grads_3 + GRADCAM_PP_EPS)
-    aij = torch.where(grads != 0, aij, torch.zeros_like(aij))
-    weights = (aij * F.relu(grads)).sum(dim=(2, 3), keepdim=True)
-    return Attribution(maps=_to_input_size((weights * acts).sum(dim=1), inputs))
+    weights = grad_cam_pp_weights(acts, grads, grads_2, grads_2 * grads)
+    return Attribution(maps=to_input_size((weights * acts).sum(dim=1), inputs))
