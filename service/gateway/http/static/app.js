@@ -81,7 +81,7 @@ function choice(kind, entry, checked, disabled, reason) {
   ]);
   const row = element("div", { className: disabled ? "entry disabled" : "entry" }, [label]);
   if (entry.params && entry.params.length && kind === "method") {
-    const details = element("details", {}, [element("summary", { textContent: "parameters" })]);
+    const details = element("details", {}, [element("summary", { textContent: "params" })]);
     details.append(...entry.params.map((p) => paramInput(entry.name, p)));
     row.append(details);
   }
