@@ -64,16 +64,8 @@ def canvas_rgba(page: Any, selector: str) -> np.ndarray:
     return np.asarray(data, dtype=np.uint8).reshape(height, width, 4)
 
 
-def downloaded_png(page: Any, button: str) -> np.ndarray:
-    """Click a download button; the PNG it saves, as uint8 pixels."""
-    with page.expect_download() as download:
-        page.click(button)
-    path = download.value.path()
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
 def downloaded_bytes(page: Any, button: str) -> bytes:
+    """Click a download button; the bytes of the file it saves."""
     with page.expect_download() as download:
         page.click(button)
     return Path(download.value.path()).read_bytes()
