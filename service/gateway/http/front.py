@@ -44,9 +44,12 @@ class TLSFiles(Protocol):
     """A certificate, its key, and the CA of client certificates (mutual TLS) or None:
     what the gateway's gRPC listener serves, which the HTTP listener serves too."""
 
-    cert: Path
-    key: Path
-    client_ca: Path | None
+    @property
+    def cert(self) -> Path: ...
+    @property
+    def key(self) -> Path: ...
+    @property
+    def client_ca(self) -> Path | None: ...
 
 
 def uvicorn_tls(tls: TLSFiles) -> dict[str, Any]:
