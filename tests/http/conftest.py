@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,11 +15,10 @@ import pytest
 from service.gateway.http.app import HttpSettings
 from service.gateway.http.front import HttpFront
 from service.gateway.server import Gateway
-from tests.gateway.test_gateway import gateway, script  # the fixtures: the same stack
+from tests.gateway.conftest import channel, gateway, options, script, stub  # the same stack
 
-__all__ = ["gateway", "script"]
+__all__ = ["channel", "gateway", "options", "script", "stub"]
 
-MODEL = "tiny"  # the gateway tests' served model
 IMAGE = b"\x89PNG not really: the gateway never decodes images"
 
 
@@ -37,20 +35,6 @@ def body(image: bytes = IMAGE, **parameters: object) -> dict[str, object]:
         "instances": [{"image": {"b64": base64.b64encode(image).decode()}}],
         "parameters": parameters,
     }
-
-
-def calls(gateway: Gateway, rpc: str, code: str, *, expect: float = 1.0) -> float:
-    """Calls in the gateway's latency histogram with these labels; waits (up to 5 s) for
-    ``expect`` of them, as the interceptor records a call just after its status went out."""
-    labels = {"method": rpc, "model": MODEL, "code": code}
-    deadline = time.monotonic() + 5.0
-    while True:
-        value = gateway.metrics.registry.get_sample_value(
-            "saliency_request_duration_seconds_count", labels
-        )
-        if (value or 0.0) >= expect or time.monotonic() > deadline:
-            return value or 0.0
-        time.sleep(0.02)
 
 
 @contextmanager

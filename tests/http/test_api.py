@@ -17,7 +17,8 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.gateway.server import Gateway
 from service.protocol.names import MASKS, METHODS, SCORES
 from tests.gateway.fake_torchserve import Script
-from tests.http.conftest import IMAGE, MODEL, body, calls
+from tests.gateway.support import MODEL, calls
+from tests.http.conftest import IMAGE, body
 
 MAP_PNG = b"8-bit png bytes of a map"
 MASK_PNG = b"1-bit png bytes of a mask"

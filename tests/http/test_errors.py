@@ -18,7 +18,8 @@ from service.gateway.http.kserve import MAX_INSTANCES
 from service.gateway.server import Gateway
 from service.protocol.errors import _CODES, HTTP_STATUSES, error_from_code
 from tests.gateway.fake_torchserve import Script
-from tests.http.conftest import MODEL, body, calls
+from tests.gateway.support import MODEL, calls
+from tests.http.conftest import body
 
 EXPLAIN = f"/v1/models/{MODEL}:explain"
 PREDICT = f"/v1/models/{MODEL}:predict"

@@ -1,5 +1,5 @@
-"""The HTTP front's own guards, each with settings of its own: calls in flight, a body
-that trickles in, and the token check."""
+"""The HTTP front's own guards, each with settings of its own: calls in flight and a body
+that trickles in (tokens: ``test_auth.py``, on the gateway's own front)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,8 @@ from service.gateway.http.front import HttpFront
 from service.gateway.server import Gateway
 from service.protocol.limits import GATEWAY_RECEIVE_BYTES
 from tests.gateway.fake_torchserve import Script
-from tests.http.conftest import MODEL, body, http_front
-
-TOKEN = "s3cret-token"
+from tests.gateway.support import MODEL
+from tests.http.conftest import body, http_front
 
 
 @pytest.fixture
@@ -28,7 +27,6 @@ def front(gateway: Gateway) -> Iterator[HttpFront]:
     settings = HttpSettings(
         models=(MODEL,),
         max_message_bytes=GATEWAY_RECEIVE_BYTES,
-        authorize=lambda header: header == f"Bearer {TOKEN}",
         max_in_flight=1,
         body_timeout_s=0.5,
     )
@@ -36,9 +34,8 @@ def front(gateway: Gateway) -> Iterator[HttpFront]:
         yield started
 
 
-def client(front: HttpFront, token: str | None = TOKEN) -> httpx.Client:
-    headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=f"http://127.0.0.1:{front.port}", headers=headers, timeout=30)
+def client(front: HttpFront) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{front.port}", timeout=30)
 
 
 def test_calls_over_the_in_flight_bound_are_429_and_the_others_finish(
@@ -72,7 +69,6 @@ def test_calls_over_the_in_flight_bound_are_429_and_the_others_finish(
 def test_a_body_that_does_not_arrive_in_time_is_408(front: HttpFront, script: Script) -> None:
     connection = HTTPConnection("127.0.0.1", front.port, timeout=10)
     connection.putrequest("POST", f"/v1/models/{MODEL}:explain")
-    connection.putheader("authorization", f"Bearer {TOKEN}")
     connection.putheader("content-length", "1000")
     connection.endheaders()
     connection.send(b'{"instances": ')  # and then nothing more
@@ -81,31 +77,6 @@ def test_a_body_that_does_not_arrive_in_time_is_408(front: HttpFront, script: Sc
     assert json.loads(answer.read())["error"]["code"] == "DEADLINE_EXCEEDED"
     connection.close()
     assert script.received == []
-
-
-@pytest.mark.parametrize("token", [None, "wrong"])
-def test_calls_without_a_valid_token_are_401(
-    front: HttpFront, script: Script, token: str | None
-) -> None:
-    with client(front, token) as http:
-        for reply in (
-            http.get("/v1/models"),
-            http.get(f"/v1/models/{MODEL}"),
-            http.post(f"/v1/models/{MODEL}:explain", json=body()),
-            http.post("/v1/models/unknown:predict", json=body()),  # no model names leak
-        ):
-            assert reply.status_code == 401, reply.text
-            assert reply.json()["error"]["code"] == "UNAUTHENTICATED"
-            assert reply.headers["www-authenticate"] == "Bearer"
-        assert http.get("/").status_code == 200  # the page itself holds no secret
-    assert script.received == []
-
-
-def test_a_valid_token_is_let_in(front: HttpFront, script: Script) -> None:
-    script.unary["predict"] = lambda _: pb.PredictResponse().SerializeToString()
-    with client(front) as http:
-        assert http.get("/v1/models").json() == {"models": [MODEL]}
-        assert http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code == 200
 
 
 def test_responses_go_out_at_once_on_kept_alive_connections(gateway: Gateway) -> None:

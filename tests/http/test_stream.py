@@ -16,7 +16,8 @@ from service.gateway.http import replies
 from service.gateway.server import Gateway
 from service.protocol.names import METHODS, SCORES
 from tests.gateway.fake_torchserve import Script
-from tests.http.conftest import MODEL, body, calls
+from tests.gateway.support import MODEL, calls
+from tests.http.conftest import body
 
 STREAM = f"/v1/models/{MODEL}:explain?stream=true"
 PREDICTION = pb.ExplainStreamResponse(

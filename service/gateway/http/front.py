@@ -30,7 +30,7 @@ import grpc
 import uvicorn
 
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.gateway.http.app import HttpSettings, build_app
+from service.gateway.http.app import Authorize, HttpSettings, build_app
 from service.protocol.limits import MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,22 @@ class TLSFiles(Protocol):
     def key(self) -> Path: ...
     @property
     def client_ca(self) -> Path | None: ...
+
+
+class FrontConfig(Protocol):
+    """What the HTTP front takes from the gateway's configuration
+    (:class:`~service.gateway.server.GatewayConfig`)."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def http_port(self) -> int | None: ...
+    @property
+    def models(self) -> tuple[str, ...]: ...
+    @property
+    def max_message_bytes(self) -> int: ...
+    @property
+    def tls(self) -> TLSFiles | None: ...
 
 
 def uvicorn_tls(tls: TLSFiles) -> dict[str, Any]:
@@ -133,6 +149,16 @@ class HttpFront:
         if self._channel is not None:
             await self._channel.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def front_of(config: FrontConfig, authorize: Authorize | None) -> HttpFront | None:
+    """The gateway's HTTP front: its host, its TLS files, its models and message limit,
+    and ``authorize`` (the gRPC token check's own function, so both accept the same
+    tokens); ``None`` when ``config.http_port`` is."""
+    if config.http_port is None:
+        return None
+    settings = HttpSettings(config.models, config.max_message_bytes, authorize)
+    return HttpFront(config.host, config.http_port, settings, tls=config.tls)
 
 
 def _bind(host: str, port: int) -> socket.socket:
