@@ -17,34 +17,22 @@ from service.gateway.server import Gateway, TLSConfig
 from service.protocol.limits import GATEWAY_RECEIVE_BYTES
 from tests.gateway.fake_torchserve import Script
 from tests.gateway.support import MODEL, calls
+from tests.gateway.test_auth import GOOD, OTHER, token_file
 from tests.http.conftest import body, http_front
-from tests.integration.certificates import Authority, Pair
+from tests.integration.certificates import Pair, make_pki
 
-GOOD, OTHER = "http-token-one", "http-token-two"
+__all__ = ["token_file"]  # the fixture, from the gRPC token tests
 REFUSED_HEADERS = [None, "Bearer wrong-token", f"Basic {GOOD}", f"Bearer {GOOD}x"]
 
 
 @pytest.fixture
-def token_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokens"
-    path.write_text(f"# web clients\n{GOOD}\n{OTHER}\n")
-    return path
-
-
-@pytest.fixture
 def pki(tmp_path: Path) -> dict[str, Pair]:
-    ca, stranger = Authority(tmp_path, "test-ca"), Authority(tmp_path, "stranger-ca")
-    return {
-        "ca": ca.pair,
-        "server": ca.issue("gateway", server=True),
-        "client": ca.issue("client", server=False),
-        "stranger": stranger.issue("intruder", server=False),
-    }
+    return make_pki(tmp_path)
 
 
 @pytest.fixture
 def options(request: pytest.FixtureRequest, token_file: Path) -> dict[str, Any]:
-    """Tokens; with ``@pytest.mark.parametrize("tls", ...)`` also TLS or mutual TLS."""
+    """Tokens; with ``"tls"`` or ``"mtls"`` as the indirect parameter, TLS or mutual TLS."""
     extra: dict[str, Any] = {}
     tls = getattr(request, "param", None)
     if tls is not None:
@@ -125,23 +113,33 @@ def test_the_grpc_token_check_holds_behind_a_front_that_checks_nothing(
     assert len(script.received) == 1
 
 
+def trusting(ca: Path, pair: Pair | None = None) -> ssl.SSLContext:
+    """A client's TLS: servers certified by ``ca``; ``pair``: its own certificate."""
+    made = ssl.create_default_context(cafile=ca)
+    if pair is not None:
+        made.load_cert_chain(pair.cert, pair.key)
+    return made
+
+
+def predict_status(gateway: Gateway, header: str | None, tls: ssl.SSLContext) -> int:
+    with client(gateway, header, verify=tls) as http:
+        return http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code
+
+
 @pytest.mark.parametrize("options", ["tls"], indirect=True)
 def test_https_with_the_gateways_certificate_and_its_tokens(
     gateway: Gateway, script: Script, pki: dict[str, Pair]
 ) -> None:
     script.unary["predict"] = predict_answer
     assert gateway.http is not None and gateway.http.url.startswith("https://")
-    trusted = ssl.create_default_context(cafile=pki["ca"].cert)
-    with client(gateway, f"Bearer {GOOD}", verify=trusted) as http:
-        assert http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code == 200
-    with client(gateway, None, verify=trusted) as http:
-        assert http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code == 401
+    trusted = trusting(pki["ca"].cert)
+    assert predict_status(gateway, f"Bearer {GOOD}", trusted) == 200
+    assert predict_status(gateway, None, trusted) == 401
     plain = gateway.http.url.replace("https://", "http://")
     with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port: no answer
         httpx.post(f"{plain}v1/models/{MODEL}:predict", json=body(), timeout=10)
-    stranger = ssl.create_default_context(cafile=pki["stranger"].cert)
-    with pytest.raises(httpx.ConnectError), client(gateway, f"Bearer {GOOD}", verify=stranger) as h:
-        h.get("/v1/models")
+    with pytest.raises(httpx.ConnectError):  # a server this client does not trust
+        predict_status(gateway, f"Bearer {GOOD}", trusting(pki["stranger"].cert))
     assert len(script.received) == 1
 
 
@@ -150,19 +148,9 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(
     gateway: Gateway, script: Script, pki: dict[str, Pair]
 ) -> None:
     script.unary["predict"] = predict_answer
-
-    def context(pair: Pair | None) -> ssl.SSLContext:
-        made = ssl.create_default_context(cafile=pki["ca"].cert)
-        if pair is not None:
-            made.load_cert_chain(pair.cert, pair.key)
-        return made
-
-    with client(gateway, f"Bearer {GOOD}", verify=context(pki["client"])) as http:
-        assert http.post(f"/v1/models/{MODEL}:predict", json=body()).status_code == 200
-    for pair in (None, pki["stranger"]):
-        with (
-            pytest.raises(httpx.TransportError),
-            client(gateway, f"Bearer {GOOD}", verify=context(pair)) as http,
-        ):
-            http.post(f"/v1/models/{MODEL}:predict", json=body())
+    ca = pki["ca"].cert
+    assert predict_status(gateway, f"Bearer {GOOD}", trusting(ca, pki["client"])) == 200
+    for pair in (None, pki["stranger"]):  # no certificate, or one from another CA
+        with pytest.raises(httpx.TransportError):
+            predict_status(gateway, f"Bearer {GOOD}", trusting(ca, pair))
     assert len(script.received) == 1
