@@ -22,10 +22,8 @@ from PIL import Image
 
 from service.client import SaliencyClient
 from service.client.overlay import JET
-from service.gateway.http.app import HttpSettings
-from service.protocol.limits import GATEWAY_RECEIVE_BYTES
-from service.stack import RunningGateway
-from tests.http.conftest import http_front
+from service.launcher import TorchServe
+from service.stack import RunningGateway, gateway_options, running_gateway
 from tests.integration.browser import canvas_rgba, chromium, downloaded_bytes, png_pixels
 
 pytestmark = pytest.mark.integration
@@ -193,16 +191,21 @@ def test_a_dropped_image_is_explained_with_the_parameters_set_on_the_page(page: 
 
 
 def test_the_page_asks_for_a_token_when_the_server_wants_one(
-    browser: Any, gateway: RunningGateway
+    browser: Any, torchserve: TorchServe, tmp_path: Path
 ) -> None:
-    settings = HttpSettings(
-        models=("shapes",),
-        max_message_bytes=GATEWAY_RECEIVE_BYTES,
-        authorize=lambda header: header == "Bearer let-me-in",
-    )
-    with http_front(settings, gateway.address) as front:
+    """A gateway with a token file: the page opens without a token, the API answers 401,
+    the page asks for one and, given it, works through the same token check as gRPC."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("let-me-in\n")
+    with running_gateway(
+        torchserve.grpc_address,
+        list(torchserve.models),
+        auth_token_file=tokens,
+        **gateway_options(torchserve),
+    ) as secured:
+        assert secured.gateway.http is not None
         page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{front.port}/")
+        page.goto(secured.gateway.http.url)
         page.wait_for_selector("#token-row:not([hidden])")
         assert page.inner_text("#status").startswith("UNAUTHENTICATED:")
         page.fill("#token", "let-me-in")
