@@ -21,40 +21,21 @@ from service.gateway.admission import Admission, PoolSize
 from service.gateway.auth import TokenAuthInterceptor, TokenFile
 from service.gateway.catalog import ModelCatalog
 from service.gateway.health import BackendHealth
+from service.gateway.http.front import front_of
 from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.memory import HeapTrimmer
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.servicer import ExplainServicer
+from service.gateway.tls import TLSConfig
 from service.gateway.upstream import KeyFile, TorchServeClient
 from service.protocol.limits import GATEWAY_RECEIVE_BYTES, MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExplainService"].full_name
 LOOPBACK = "127.0.0.1"
+__all__ = ["DEFAULT_POOL", "Gateway", "GatewayConfig", "TLSConfig", "start_gateway"]
 DEFAULT_POOL = PoolSize(workers=2, batch_size=4)
 """The default archive's pools (``service.archive.BatchConfig``)."""
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """The gateway's certificate, and the CA its clients' certificates must chain to.
-
-    Attributes:
-        cert, key: PEM files of the server certificate (chain) and its private key.
-        client_ca: PEM file of the CA for mutual TLS; ``None``: clients need no certificate.
-    """
-
-    cert: Path
-    key: Path
-    client_ca: Path | None = None
-
-    def credentials(self) -> grpc.ServerCredentials:
-        ca = self.client_ca.read_bytes() if self.client_ca is not None else None
-        return grpc.ssl_server_credentials(
-            [(self.key.read_bytes(), self.cert.read_bytes())],
-            root_certificates=ca,
-            require_client_auth=ca is not None,
-        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +75,7 @@ class GatewayConfig:
         tls: serve TLS (and mutual TLS) instead of plaintext.
         auth_token_file: accepted bearer tokens (:class:`TokenFile`); ``None``: no auth.
         reflection: serve gRPC reflection (off: it lists the API to anyone who asks).
+        http_port: HTTP/JSON and the web page on ``host``, same TLS and tokens (None: off).
     """
 
     host: str = "0.0.0.0"
@@ -119,6 +101,7 @@ class GatewayConfig:
     tls: TLSConfig | None = None
     auth_token_file: Path | None = None
     reflection: bool = False
+    http_port: int | None = None
 
     def admission(self) -> Admission:
         sized = Admission.sized(self.explain_pool, self.predict_pool, self.batches_per_worker)
@@ -168,8 +151,9 @@ class Gateway:
             split_pools=config.split_pools,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if config.auth_token_file is not None:  # outermost: a refused call costs nothing
-            interceptors.append(TokenAuthInterceptor(TokenFile(config.auth_token_file)))
+        tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
+        if tokens is not None:  # outermost: a refused call costs nothing
+            interceptors.append(TokenAuthInterceptor(tokens))
         calls = ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label)
         interceptors.append(calls)
         self.trimmer = HeapTrimmer(lambda: calls.active, lambda: calls.started)
@@ -182,6 +166,7 @@ class Gateway:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
+        self.http = front_of(config, tokens.accepts if tokens else None)
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
@@ -219,7 +204,11 @@ class Gateway:
             )
             await self._health_server.start()
         await self.backend.first_round(timeout=5.0)
+        if self.http is not None:  # HTTP calls come in through the same server
+            self.server.add_insecure_port(self.http.internal_address)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
@@ -252,6 +241,8 @@ class Gateway:
                 await self._poller
         await self.backend.close()
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
@@ -282,10 +273,13 @@ def describe(config: GatewayConfig, gateway: Gateway) -> str:
         "mTLS" if config.tls and config.tls.client_ca else "TLS" if config.tls else "plaintext",
         "token auth" if config.auth_token_file else "no auth",
     ]
-    return (
+    line = (
         f"gateway: gRPC {config.host}:{gateway.port} ({', '.join(security)}), metrics "
         f"http://{config.metrics_host}:{gateway.metrics_port}/metrics"
     )
+    if gateway.http is not None:
+        line += f"\nweb page and HTTP/JSON: {gateway.http.url}"
+    return line
 
 
 async def run_gateway(

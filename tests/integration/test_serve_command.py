@@ -13,11 +13,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -102,6 +104,17 @@ def brightness_mar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def _answered(client: SaliencyClient, timeout: float = 120.0) -> list[Any]:
+    """ListModels once every model's workers have answered the gateway's health probe
+    (its ModelInfo is what the listing reports; a probe may wait behind a busy worker)."""
+    end = time.monotonic() + timeout
+    while True:
+        models = list(client.list_models().models)
+        if all(m.version for m in models) or time.monotonic() > end:
+            return models
+        time.sleep(0.5)
+
+
 def _command(store: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -116,6 +129,8 @@ def _command(store: Path, run_dir: Path, *extra: str) -> list[str]:
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--free-torchserve-ports",
         "--predict-workers",
         "1",
@@ -127,6 +142,7 @@ def _command(store: Path, run_dir: Path, *extra: str) -> list[str]:
 class Served:
     port: int
     torchserve_port: int
+    http_url: str
     lines: "queue.Queue[str]"
     process: subprocess.Popen[str]
     said: list[str]
@@ -151,11 +167,13 @@ def serving(store: Path, run_dir: Path, models: int) -> Iterator[Served]:
         said = [_wait_for(lines, r"^  .*", 30, process).string for _ in range(models)]
         said.append(_wait_for(lines, r"^default model: .*", 30, process).string)
         port = int(_wait_for(lines, r"gateway: gRPC [\d.]+:(\d+)", 60, process).group(1))
-        yield Served(port, ts_port, lines, process, said)
+        page = _wait_for(lines, r"web page and HTTP/JSON: (http://[\d.]+:(\d+)/)", 5, process)
+        yield Served(port, ts_port, page.group(1), lines, process, said)
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         _wait_for(lines, "stopping TorchServe", 5, process)
         assert not _listening(port)
+        assert not _listening(int(page.group(2)))
         assert not _listening(ts_port)
     finally:
         if process.poll() is None:
@@ -198,7 +216,7 @@ def test_a_store_is_served_and_a_dropped_archive_after_a_restart(
         ]
         address = f"127.0.0.1:{second.port}"
         with SaliencyClient(address) as client:
-            listed = {m.name: m for m in client.list_models().models}
+            listed = {m.name: m for m in _answered(client)}
             assert list(listed) == ["brightness", "shapes"]
             for name, entry in listed.items():
                 archived = truth[name]
@@ -241,6 +259,16 @@ def test_a_store_is_served_and_a_dropped_archive_after_a_restart(
             for service in ("brightness", "shapes", ""):
                 status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
                 assert status.status == health_pb2.HealthCheckResponse.SERVING, service
+
+        # HTTP's GET /v1/models is ListModels: the same names, default and versions.
+        with urllib.request.urlopen(second.http_url + "v1/models", timeout=10) as reply:
+            over_http = json.load(reply)
+        assert over_http["models"] == ["brightness", "shapes"]
+        assert over_http["default"] == "shapes"
+        assert [d["version"] for d in over_http["details"]] == [
+            truth["brightness"]["version"],
+            truth["shapes"]["version"],
+        ]
 
         listing = subprocess.run(
             [sys.executable, "-m", "service.cli", "models", "--address", address],
