@@ -163,7 +163,7 @@ class MethodSpec(Member):
             (see :data:`service.engine.types.MethodFn`).
         backend: ``"torch"`` (needs a differentiable module) or ``"onnx"`` (forward only).
         needs_gradients: calls ``backward`` on the input.
-        needs_layer: needs a named spatial layer (CAM methods).
+        needs_layer, needs_attention: needs a CAM layer / the model's self-attention.
         batchable: items of a batch are computed together.
         cost: ``cost(params, (C, H, W)) -> Cost`` of one image, counted as the method
             evaluates the model (the contract tests count its calls).
@@ -172,6 +172,7 @@ class MethodSpec(Member):
     backend: Backend
     needs_gradients: bool
     needs_layer: bool
+    needs_attention: bool
     batchable: bool
     cost: CostFn
 
@@ -227,6 +228,7 @@ def register_method(
     cost: CostFn,
     params: tuple[Param, ...] = (),
     needs_layer: bool = False,
+    needs_attention: bool = False,
     batchable: bool = True,
     validate: Validator | None = None,
 ) -> Callable[[FnT], FnT]:
@@ -239,6 +241,7 @@ def register_method(
         backend=backend,
         needs_gradients=needs_gradients,
         needs_layer=needs_layer,
+        needs_attention=needs_attention,
         batchable=batchable,
         description=description,
         paper=paper,

@@ -29,9 +29,10 @@ import torch
 from service.engine.engine import Engine
 from service.engine.registry import MethodSpec, iter_methods
 from service.models.zoo import ZOO
+from tests.engine.nets import cnn_methods
 from tests.engine.two_halves import SIZE, half_scores, two_halves_engine
 
-METHODS = list(iter_methods("torch"))
+METHODS = cnn_methods(iter_methods("torch"))
 CAM_BOUND = 7 / 8  # bilinear upsampling's leak across the middle, at most 1/8
 GRADIENT_BOUND = 1.0  # no path from the other half: exactly zero there
 ROOM = 1e-6  # summation order of the masses, nothing more

@@ -1,4 +1,4 @@
-"""Class activation maps from one spatial layer: Grad-CAM and Grad-CAM++.
+"""Class activation maps from one layer: Grad-CAM and Grad-CAM++, on CNN maps and ViT tokens.
 
 Activations are captured per call by a forward hook that only records the calling
 thread's forwards (see :mod:`service.engine.layers`), and gradients are taken with
@@ -21,6 +21,7 @@ from service.engine.methods.gradient import (
     row_chunks,
     target_logits,
 )
+from service.engine.ops import upsample
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
 from service.protocol.errors import UnsupportedMethodError
@@ -33,7 +34,12 @@ GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's stabiliser in the alpha denominator
 def layer_activations_and_gradients(
     ctx: ExplainContext, inputs: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Target layer activations ``A`` and ``d S_t / d A``, each ``(B, K, h, w)``, detached."""
+    """Target layer activations ``A`` and ``d S_t / d A``, each ``(B, K, h, w)``, detached.
+
+    A token layer's activations and gradients are reshaped to their patch grid, class and
+    register tokens dropped (:meth:`CamLayer.to_map`, pytorch-grad-cam's
+    ``reshape_transform``), so every CAM formula reads a ViT as it reads a CNN.
+    """
     model = require_model(ctx)
     if ctx.target_layer is None:
         raise UnsupportedMethodError("CAM methods need a target layer; this model has none")
@@ -45,15 +51,17 @@ def layer_activations_and_gradients(
         with torch.enable_grad(), capture_activations(ctx.target_layer, leaf=True) as capture:
             selected = target_logits(model(inputs[part].detach()), targets[part])
             activation = capture.single()
-            if activation.dim() != 4:
-                raise UnsupportedMethodError(
-                    f"target layer output must be (N, C, H, W), got {tuple(activation.shape)}"
-                )
             if not selected.requires_grad:
                 raise UnsupportedMethodError("the logits do not depend on the target layer")
             (grad,) = torch.autograd.grad(selected.sum(), activation, allow_unused=True)
         if grad is None:
             raise UnsupportedMethodError("the logits do not depend on the target layer")
+        if ctx.cam_layer is not None:
+            activation, grad = ctx.cam_layer.to_map(activation), ctx.cam_layer.to_map(grad)
+        if activation.dim() != 4:
+            raise UnsupportedMethodError(
+                f"target layer output must be (N, C, H, W), got {tuple(activation.shape)}"
+            )
         # float32 whatever the layer computed in (autocast): the CAM sums run at full precision
         acts.append(activation.detach().float())
         grads.append(grad.detach().float())
@@ -62,9 +70,7 @@ def layer_activations_and_gradients(
 
 def _to_input_size(cam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """ReLU, then bilinear upsampling ``(B, h, w) -> (B, H, W)`` as Captum's ``interpolate``."""
-    cam = F.relu(cam).unsqueeze(1)
-    size = (inputs.shape[-2], inputs.shape[-1])
-    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return upsample(F.relu(cam), (inputs.shape[-2], inputs.shape[-1]))
 
 
 @register_method(
