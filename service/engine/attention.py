@@ -53,8 +53,11 @@ class AttentionCall:
     module: str = ""  # the innermost module that ran it, when a module stack was given
 
     def view(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
-        """``probs`` (or a tensor of its shape, e.g. its gradient) as ``(N, heads, T, S)``."""
-        return (self.probs if tensor is None else tensor).reshape(self.shape)
+        """``probs`` (or a tensor of its shape, e.g. its gradient) as ``(N, heads, T, S)``,
+        detached, in float32 or wider (the methods' sums run at full precision, also
+        under reduced-precision autocast)."""
+        viewed = (self.probs if tensor is None else tensor).detach().reshape(self.shape)
+        return viewed.to(torch.promote_types(viewed.dtype, torch.float32))
 
 
 @dataclass

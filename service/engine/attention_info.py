@@ -80,7 +80,7 @@ class AttentionInfo:
             relevance: ``(B, T, T)``, row ``i`` the relevance of every token to token ``i``.
             rows: ``(B, T)`` weights of the rows to read (the readout), summing to 1.
         """
-        read = torch.einsum("bt,bts->bs", rows, relevance)[:, self.prefix_tokens :]
+        read = torch.einsum("bt,bts->bs", rows.to(relevance), relevance)[:, self.prefix_tokens :]
         return read.reshape(-1, *self.grid)
 
     def readout_weights(self, batch: int, device: torch.device) -> torch.Tensor:

@@ -134,10 +134,11 @@ def attention_rollout(
         with torch.no_grad(), capture_attention() as capture:
             model(inputs[part])
         calls = info.checked(capture, inputs[part].shape[0])
-        identity = torch.eye(info.tokens, device=inputs.device)
-        rollout = identity.expand(calls[0].shape[0], -1, -1)
+        first = calls[0].view()
+        identity = torch.eye(info.tokens, device=first.device, dtype=first.dtype)
+        rollout = identity.expand(first.shape[0], -1, -1)
         for call in calls:
-            fused = fuse_heads(call.view().float(), head_fusion)
+            fused = fuse_heads(call.view(), head_fusion)
             if discard_ratio > 0:
                 fused = discard_lowest(fused, discard_ratio)
             layer = fused + identity

@@ -77,10 +77,12 @@ def gradient_weighted_attention(
             grads = torch.autograd.grad(
                 selected.sum(), [call.probs for call in calls], allow_unused=True
             )
-        relevance = torch.eye(info.tokens, device=inputs.device).repeat(rows.shape[0], 1, 1)
+        first = calls[0].view()
+        identity = torch.eye(info.tokens, device=first.device, dtype=first.dtype)
+        relevance = identity.repeat(rows.shape[0], 1, 1)
         for call, grad in zip(calls, grads, strict=True):
-            attention = call.view().detach().float()
-            last = torch.zeros_like(attention) if grad is None else call.view(grad).float()
+            attention = call.view()
+            last = torch.zeros_like(attention) if grad is None else call.view(grad)
             weighted = F.relu(last * attention).mean(dim=1)
             relevance = relevance + weighted @ relevance
         maps.append(info.patch_map(relevance, _readout_rows(last, info.readout)))
