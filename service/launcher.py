@@ -20,6 +20,9 @@ from typing import BinaryIO
 import psutil
 
 from service.gateway.upstream import MAX_MESSAGE_BYTES
+from service.model_requirements import write_server_constraints
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds service/ and handlers/
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,10 @@ def write_config(
         "model_store": model_store,
         "metrics_mode": "prometheus",
         "disable_token_authorization": "true",
-        "install_py_dep_per_model": "false",
+        # An archive's requirements.txt (`archive --requirements`) is installed when its
+        # worker starts, in the model's own venv; pip is held to the server's packages by
+        # PIP_CONSTRAINT (see TorchServe.start and service.model_requirements).
+        "install_py_dep_per_model": "true",
         "max_request_size": MAX_MESSAGE_BYTES,
         "max_response_size": MAX_MESSAGE_BYTES,
         "default_response_timeout": 120,
@@ -167,6 +173,13 @@ class TorchServe:
             "LOG_LOCATION": str(log_dir),
             "METRICS_LOCATION": str(log_dir),
             "TMPDIR": str(private_tmp),
+            "PIP_CONSTRAINT": str(write_server_constraints(self.run_dir / "constraints.txt")),
+            # A model with requirements runs in a venv of its own (useVenv), which inherits
+            # the server's site-packages as plain path entries: their .pth files are not
+            # read there, so an editable install of this project would not import.
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
         }
         # The worker alternates torch (gradients) and ONNX Runtime (forwards) on the same
         # cores, beside the frontend and the gateway: libgomp's default spin-wait after a

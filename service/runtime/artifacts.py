@@ -19,9 +19,12 @@ when it is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,23 +117,40 @@ class ModelBundle:
 
 
 def build_eager_net(spec: dict[str, Any], model_dir: Path) -> torch.nn.Module:
-    """Instantiate the user's module class (importable module or a file shipped beside)."""
+    """Instantiate the user's module class (importable module or a file shipped beside).
+
+    While the model file runs, ``model_dir`` is on ``sys.path``, so a package folder
+    shipped beside it (``archive --extra-files mypkg``) imports as it does in a TorchServe
+    worker, whose ``PYTHONPATH`` holds the model's folder.
+    """
     module_ref: str = spec["module"]
-    if module_ref.endswith(".py"):
-        path = model_dir / module_ref
-        loaded = importlib.util.spec_from_file_location(f"saliency_user_{path.stem}", path)
-        if loaded is None or loaded.loader is None:
-            raise ImportError(f"cannot import model file {path}")
-        module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_ref)
-    net: torch.nn.Module = getattr(module, spec["class"])(**spec.get("kwargs", {}))
+    with _importable(model_dir):
+        if module_ref.endswith(".py"):
+            path = model_dir / module_ref
+            loaded = importlib.util.spec_from_file_location(f"saliency_user_{path.stem}", path)
+            if loaded is None or loaded.loader is None:
+                raise ImportError(f"cannot import model file {path}")
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_ref)
+        net: torch.nn.Module = getattr(module, spec["class"])(**spec.get("kwargs", {}))
     weights = spec.get("weights")
     if weights:
         state = torch.load(model_dir / weights, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
     return net
+
+
+@contextlib.contextmanager
+def _importable(folder: Path) -> Iterator[None]:
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
 
 
 def load_gradient_model(meta: ModelMeta, model_dir: Path) -> tuple[torch.nn.Module, str]:
