@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-SUITES = ("quality", "perturbation", "speed", "e2e")
+SUITES = ("quality", "perturbation", "speed", "e2e", "zoo")
 
 
 def main() -> None:
