@@ -18,6 +18,7 @@ import torch
 from service.archive import ArchiveError, build_archive
 from service.engine.errors import UnsupportedMethodError
 from service.model_requirements import RequirementsError, check_requirements
+from service.models.zoo import eager_spec
 from service.runtime.artifacts import META_FILE, load_bundle
 from service.serving.pipeline import Explainer
 
@@ -25,9 +26,8 @@ SIZE = 32
 LABELS = ["a", "b", "c"]
 
 
-def zoo_spec(module: str, builder: str = "build") -> dict[str, Any]:
-    kwargs = {"size": "tiny", "num_classes": len(LABELS), "image_size": SIZE, "seed": 0}
-    return {"module": f"service.models.zoo.{module}", "class": builder, "kwargs": kwargs}
+def zoo_spec(name: str) -> dict[str, Any]:
+    return eager_spec(name, "tiny", len(LABELS), SIZE)
 
 
 def archive(tmp_path: Path, eager: dict[str, Any], **options: Any) -> tuple[Path, list[str]]:
@@ -52,7 +52,7 @@ def archive(tmp_path: Path, eager: dict[str, Any], **options: Any) -> tuple[Path
 
 
 def test_a_vit_gets_its_token_layer_and_attention_found_and_recorded(tmp_path: Path) -> None:
-    folder, said = archive(tmp_path, zoo_spec("vit_sdpa"))
+    folder, said = archive(tmp_path, zoo_spec("vit_s16_sdpa_reg4"))
     meta = json.loads((folder / META_FILE).read_text())
     layer = meta["cam_layer"]
     assert (layer["name"], layer["kind"], layer["grid"], layer["prefix_tokens"]) == (
@@ -79,7 +79,7 @@ def test_a_vit_gets_its_token_layer_and_attention_found_and_recorded(tmp_path: P
 
 
 def test_the_engine_serves_the_recorded_layer_not_a_new_search(tmp_path: Path) -> None:
-    folder, _ = archive(tmp_path, zoo_spec("vit_sdpa"))
+    folder, _ = archive(tmp_path, zoo_spec("vit_s16_sdpa_reg4"))
     meta = json.loads((folder / META_FILE).read_text())
     meta["cam_layer"] = {**meta["cam_layer"], "name": "model.blocks.0", "how": "edited"}
     (folder / META_FILE).write_text(json.dumps(meta))
@@ -90,7 +90,7 @@ def test_the_engine_serves_the_recorded_layer_not_a_new_search(tmp_path: Path) -
 
 def test_a_given_layer_is_checked_and_recorded_as_given(tmp_path: Path) -> None:
     # At 32 px the tiny ResNet's layer4 is 1x1, no map; layer3 is 2x2.
-    folder, said = archive(tmp_path, zoo_spec("resnet", "build_resnet18"), target_layer="layer3")
+    folder, said = archive(tmp_path, zoo_spec("resnet18"), target_layer="layer3")
     layer = json.loads((folder / META_FILE).read_text())["cam_layer"]
     assert (layer["name"], layer["kind"], layer["chosen"]) == ("model.layer3", "spatial", "given")
     assert layer["grid"] == [2, 2]
@@ -98,20 +98,20 @@ def test_a_given_layer_is_checked_and_recorded_as_given(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "builder", "layer", "match"),
+    ("name", "layer", "match"),
     [
-        ("vit", "build", "blocks.1", "patch tokens .* do not reach the logits"),
-        ("efficientnet", "build", "features.0.2", r"runs \d+ times per forward"),
-        ("resnet", "build_resnet18", "layer9", "no layer named"),
-        ("resnet", "build_resnet18", "layer4", r"outputs \(1, 64, 1, 1\): neither a spatial map"),
+        ("vit_s16", "blocks.1", "patch tokens .* do not reach the logits"),
+        ("efficientnet_b0", "features.0.2", r"runs \d+ times per forward"),
+        ("resnet18", "layer9", "no layer named"),
+        ("resnet18", "layer4", r"outputs \(1, 64, 1, 1\): neither a spatial map"),
     ],
     ids=["blank_tokens", "shared_activation", "missing", "one_cell_map"],
 )
 def test_a_given_layer_that_cannot_be_one_refuses_the_archive(
-    tmp_path: Path, module: str, builder: str, layer: str, match: str
+    tmp_path: Path, name: str, layer: str, match: str
 ) -> None:
     with pytest.raises(ArchiveError, match=f"--target-layer {layer}: .*{match}"):
-        archive(tmp_path, zoo_spec(module, builder), target_layer=layer)
+        archive(tmp_path, zoo_spec(name), target_layer=layer)
     assert not (tmp_path / "store" / "m.mar").exists()
 
 
@@ -204,7 +204,7 @@ def test_requirements_that_would_replace_the_servers_torch_are_refused(
     path = write(tmp_path, "requirements.txt", f"einops\n{line}\n")
     with pytest.raises(RequirementsError, match=f"requirements.txt line 2 .*{match}"):
         check_requirements(path)
-    eager = zoo_spec("vit_sdpa")
+    eager = zoo_spec("vit_s16_sdpa_reg4")
     with pytest.raises(ArchiveError, match=f"--requirements refused: .*{match}"):
         archive(tmp_path, eager, requirements=path)
 

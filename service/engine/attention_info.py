@@ -73,6 +73,12 @@ class AttentionInfo:
                 )
         return calls
 
+    def identity(self, calls: list[AttentionCall]) -> torch.Tensor:
+        """``(B, T, T)`` identities, where rollout and relevance start, as the calls' views."""
+        first = calls[0].view()
+        eye = torch.eye(self.tokens, device=first.device, dtype=first.dtype)
+        return eye.repeat(first.shape[0], 1, 1)
+
     def patch_map(self, relevance: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``(B, gh, gw)``: the mean of ``relevance``'s ``rows`` over the patch columns.
 

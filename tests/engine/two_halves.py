@@ -27,7 +27,7 @@ from service.engine.layer_finder import find_cam_layer
 from service.engine.modules import freeze
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, Classifier
 from service.runtime.wrap import Normalized
-from tests.engine.zoo_cases import torch_forward
+from tests.engine.zoo_cases import auto_engine, torch_forward
 
 SIZE = 64  # image side; each half is SIZE x SIZE/2
 PATCH = 8  # the tiny ViTs' patch
@@ -163,13 +163,8 @@ def two_halves_vit_engine(name: str, seed: int = 0) -> Engine:
     """An engine over ``TwoHalvesViT`` on the tiny zoo ViT ``name``, CAM layer and attention
     found for it; forward-only methods run on the torch model."""
     backbone = ZOO[name]("tiny", 1, SIZE, seed)
-    model = freeze(Normalized(TwoHalvesViT(backbone, seed), IMAGENET_MEAN, IMAGENET_STD))
-    return Engine(
-        model,
-        target_layer="auto",
-        attention="auto",
-        input_shape=(3, SIZE, SIZE),
-        forward_numpy=torch_forward(model),  # type: ignore[arg-type]
+    return auto_engine(
+        freeze(Normalized(TwoHalvesViT(backbone, seed), IMAGENET_MEAN, IMAGENET_STD))
     )
 
 

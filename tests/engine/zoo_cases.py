@@ -41,17 +41,22 @@ def torch_forward(model: nn.Module) -> object:
     return forward
 
 
-def zoo_engine(name: str) -> Engine:
-    """An engine over the tiny zoo model ``name`` that can run every method it supports."""
-    model = served(name)
+def auto_engine(model: nn.Module, chunk_size: int | None = None) -> Engine:
+    """An engine over a pixel-space ``model`` of :data:`SIZE` inputs, CAM layer and
+    attention found for it, forward-only methods on the torch model."""
     return Engine(
         model,
         target_layer="auto",
         attention="auto",
         input_shape=(3, SIZE, SIZE),
         forward_numpy=torch_forward(model),  # type: ignore[arg-type]
-        chunk_size=16,
+        chunk_size=chunk_size,
     )
+
+
+def zoo_engine(name: str) -> Engine:
+    """An engine over the tiny zoo model ``name`` that can run every method it supports."""
+    return auto_engine(served(name), chunk_size=16)
 
 
 def cheap_params(spec: MethodSpec) -> dict[str, ParamValue]:

@@ -27,7 +27,7 @@ from service.archive import BatchConfig, build_archive
 from service.client import SaliencyClient
 from service.engine.registry import METHODS
 from service.launcher import TorchServe, TorchServePorts
-from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO
+from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, eager_spec
 from service.stack import Stack, running_stack
 from tests.engine.zoo_cases import CLASSES, SIZE, cheap_params
 
@@ -49,12 +49,6 @@ CAM_LAYERS = {
     "byom": ("model.blocks.1.attn.norm", "tokens", 1),
 }
 TRANSFORMERS = {"vit_s16", "vit_s16_sdpa_reg4", "byom"}
-
-
-def zoo_eager(name: str) -> dict[str, Any]:
-    builder = ZOO[name]
-    kwargs = {"size": "tiny", "num_classes": CLASSES, "image_size": SIZE, "seed": 0}
-    return {"module": builder.__module__, "class": builder.__name__, "kwargs": kwargs}
 
 
 def archive_byom(out: Path, requirements: Path, say: Any = None) -> Path:
@@ -90,7 +84,7 @@ def zoo_stack(
         said[name] = []
         build_archive(
             name=name,
-            eager=zoo_eager(name),
+            eager=eager_spec(name, "tiny", CLASSES, SIZE),
             exported=None,
             labels=LABELS,
             input_size=(3, SIZE, SIZE),

@@ -134,9 +134,7 @@ def attention_rollout(
         with torch.no_grad(), capture_attention() as capture:
             model(inputs[part])
         calls = info.checked(capture, inputs[part].shape[0])
-        first = calls[0].view()
-        identity = torch.eye(info.tokens, device=first.device, dtype=first.dtype)
-        rollout = identity.expand(first.shape[0], -1, -1)
+        rollout = identity = info.identity(calls)
         for call in calls:
             fused = fuse_heads(call.view(), head_fusion)
             if discard_ratio > 0:

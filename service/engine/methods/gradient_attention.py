@@ -77,9 +77,7 @@ def gradient_weighted_attention(
             grads = torch.autograd.grad(
                 selected.sum(), [call.probs for call in calls], allow_unused=True
             )
-        first = calls[0].view()
-        identity = torch.eye(info.tokens, device=first.device, dtype=first.dtype)
-        relevance = identity.repeat(rows.shape[0], 1, 1)
+        relevance = info.identity(calls)
         for call, grad in zip(calls, grads, strict=True):
             attention = call.view()
             last = torch.zeros_like(attention) if grad is None else call.view(grad)
