@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -170,6 +171,16 @@ def test_every_available_method_explains_through_the_gateway(
         explanation = reply.explanations[0]
         assert (explanation.map.height, explanation.map.width) == (side + 8, side + 8)
         assert explanation.target == reply.predictions[0].index
+
+
+@pytest.mark.parametrize("method", ["attention_rollout", "gradient_weighted_attention"])
+def test_a_method_the_model_cannot_run_is_refused_with_the_reason(
+    client: SaliencyClient, method: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        client.explain(png(SIZE), methods=[method], model="resnet50")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unavailable for this model: no attention layers" in str(caught.value.details())
 
 
 def test_the_users_requirements_were_installed_for_that_model_alone(zoo_stack: Stack) -> None:
