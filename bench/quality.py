@@ -1,9 +1,10 @@
 """Explanation quality on held-out synthetic images with ground-truth object masks.
 
 Per registered method: pointing game (the map's maximum inside the object, 15-pixel
-tolerance), IoU with the ground truth of the threshold mask and of the GrabCut mask, and
-deletion / insertion AUC (RISE's definitions, through ONNX Runtime). Writes
-``bench/results/quality.md`` and ``bench/results/quality_grid.png``.
+tolerance), IoU with the ground truth of the threshold mask and of the GrabCut mask,
+deletion / insertion AUC (RISE's definitions, through ONNX Runtime), and stability
+(max-sensitivity and rank stability: the method re-run on perturbed copies, on a subset).
+Writes ``bench/results/quality.md`` and ``bench/results/quality_grid.png``.
 
 Run: ``python -m bench.quality [--images 200]`` (``make bench`` runs it).
 """
@@ -22,7 +23,7 @@ import torch
 from bench.machine import cpu_model
 from service.engine import masks
 from service.engine.engine import Engine
-from service.engine.registry import list_methods
+from service.engine.registry import MethodSpec, list_methods
 from service.engine.scores import compute_scores
 from service.models.default import load_default_model
 from service.models.synthetic import generate
@@ -50,7 +51,21 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
-def run(n_images: int, n_forward_only: int) -> str:
+def stability(
+    engine: Engine, forward: OnnxForward, spec: MethodSpec, pixels: np.ndarray,
+    maps: np.ndarray, labels: np.ndarray,
+) -> dict[str, np.ndarray]:  # fmt: skip
+    """Both stability scores of ``maps``, the method re-run with its defaults and seed 0."""
+
+    def method(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(images)
+        return engine.explain(batch, torch.from_numpy(targets), spec.name, seed=0).maps.numpy()
+
+    names = ["max_sensitivity", "rank_stability"]
+    return compute_scores(forward, pixels, maps, labels, names, seed=0, explain=method)
+
+
+def run(n_images: int, n_forward_only: int, n_stable: int, n_stable_forward_only: int) -> str:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model, meta = load_default_model()
     input_size = tuple(meta["input_size"])
@@ -91,6 +106,9 @@ def run(n_images: int, n_forward_only: int) -> str:
         scores = compute_scores(
             forward, pixels[:n], maps, labels[:n], ["deletion_auc", "insertion_auc"], chunk_size=64
         )
+        # Stability re-runs the method n_perturbations times per image: a smaller subset.
+        k = min(n, n_stable if spec.backend == "torch" else n_stable_forward_only)
+        stable = stability(engine, forward, spec, pixels[:k], maps[:k], labels[:k])
         rows.append(
             (
                 spec.name,
@@ -100,11 +118,18 @@ def run(n_images: int, n_forward_only: int) -> str:
                 np.mean([iou(m, t) for m, t in zip(grabcut, data.masks[:n], strict=True)]),
                 scores["deletion_auc"].mean(),
                 scores["insertion_auc"].mean(),
+                k,
+                float(np.median(stable["max_sensitivity"])),
+                float(stable["rank_stability"].mean()),
                 seconds * 1000,
             )
         )
         grid_maps[spec.name] = np.stack([maps[:6], *[np.stack(grabcut[:6])]])
-        print(f"{spec.name:22s} pointing {hits.mean():.3f}", flush=True)
+        print(
+            f"{spec.name:22s} pointing {hits.mean():.3f} rank stability "
+            f"{stable['rank_stability'].mean():.3f}",
+            flush=True,
+        )
 
     write_grid(data.images[:6], data.masks[:6], grid_maps)
     lines = [
@@ -114,22 +139,28 @@ def run(n_images: int, n_forward_only: int) -> str:
         f"{accuracy:.3f}; {n_images} images (seed {HELD_OUT_SEED}), target = true class.",
         f"Machine: {cpu_model()}, {torch.get_num_threads()} "
         f"torch threads, torch {torch.__version__}. Command: `python -m bench.quality "
-        f"--images {n_images} --forward-only-images {n_forward_only}`.",
+        f"--images {n_images} --forward-only-images {n_forward_only} --stability-images "
+        f"{n_stable} --forward-only-stability-images {n_stable_forward_only}`.",
         "",
         "Pointing game: hit when the map's maximum lies within "
         f"{TOLERANCE_PX} px of the object. IoU: mean over images of the mask against the "
         "ground-truth object mask (threshold = 95th percentile of the map; GrabCut seeded "
         "above the 0.95 and below the 0.30 quantile). Deletion (lower is better) and "
         "insertion (higher is better): AUC of the true-class probability, RISE's definitions.",
+        "Stability, on the first images of the set (column 'stable'): each map's method re-run "
+        "with its defaults and seed on 8 copies of the image with uniform noise of L-inf "
+        "radius 0.05; max-sensitivity (lower is better) is the largest change of the map "
+        "relative to its norm, shown as the median over images; rank stability (higher is "
+        "better) the mean Spearman correlation with the copies' maps, averaged over images.",
         "",
         "| method | images | pointing game | threshold IoU | GrabCut IoU | deletion AUC "
-        "| insertion AUC | ms / image |",
-        "|---|---|---|---|---|---|---|---|",
+        "| insertion AUC | stable | max-sensitivity | rank stability | ms / image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, n, point, t_iou, g_iou, deletion, insertion, ms in rows:
+    for name, n, point, t_iou, g_iou, deletion, insertion, k, sens, rank, ms in rows:
         lines.append(
             f"| `{name}` | {n} | {point:.3f} | {t_iou:.3f} | {g_iou:.3f} | {deletion:.3f} | "
-            f"{insertion:.3f} | {ms:.1f} |"
+            f"{insertion:.3f} | {k} | {sens:.3f} | {rank:.3f} | {ms:.1f} |"
         )
     lines += [
         "",
@@ -164,11 +195,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument(
-        "--forward-only-images", type=int, default=40, help="images for occlusion/RISE/Sobol"
+        "--forward-only-images", type=int, default=40, help="images for the onnx methods"
     )
+    parser.add_argument("--stability-images", type=int, default=16)
+    parser.add_argument("--forward-only-stability-images", type=int, default=8)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = run(args.images, args.forward_only_images)
+    start = time.perf_counter()
+    report = run(
+        args.images,
+        args.forward_only_images,
+        args.stability_images,
+        args.forward_only_stability_images,
+    )
+    report += f"\nThe run took {(time.perf_counter() - start) / 60:.0f} minutes.\n"
     (RESULTS / "quality.md").write_text(report)
     print(report)
 

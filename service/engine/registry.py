@@ -1,14 +1,12 @@
 """The three name families of the engine -- methods, masks, scores -- as decorator registries.
 
-Every consumer (the proto enums that ``make protos`` renders, the CLI choices, the docs,
-``GetModelInfo``, the tests) reads names, capabilities and parameters from here; nothing
-keeps its own list. A member's parameters are :class:`~service.protocol.params.Param`\\ s,
-and its function takes them as typed keyword-only arguments without defaults (the
-default is written once, in the ``Param``). Registration checks that convention, so a
-function and its declaration cannot drift apart.
-
-A registry imports its family's package (by name, on first lookup) to run the members'
-decorators: the packages import this module, never the other way round.
+Every consumer (the proto enums ``make protos`` renders, the CLI, the docs, ``GetModelInfo``,
+the tests) reads names, capabilities and parameters from here; nothing keeps its own list.
+A member's parameters are :class:`~service.protocol.params.Param`\\ s, and its function
+takes them as typed keyword-only arguments without defaults (the default is written once,
+in the ``Param``); registration checks that, so a function and its declaration cannot
+drift apart. A registry imports its family's package (by name, on first lookup) to run the
+members' decorators: the packages import this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -189,12 +187,13 @@ class MaskSpec(Member):
 
 @dataclass(frozen=True)
 class ScoreSpec(Member):
-    """A faithfulness score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64
-    ``(N,)``; ``higher_is_better`` says which way a faithful map moves it, and
-    ``cost(params, (C, H, W))`` is its work for one map."""
+    """A score: ``fn(ctx, images, maps, targets, *, <params>)`` -> float64 ``(N,)``.
+    ``higher_is_better``: which way a faithful map moves it; ``cost(params, (C, H, W))``: its
+    work per map; ``reexplains(params)``: how often it re-runs the method per map, if it does."""
 
     higher_is_better: bool
     cost: CostFn
+    reexplains: Callable[[ResolvedParams], int] | None
 
 
 METHODS: Registry[MethodSpec] = Registry(
@@ -272,8 +271,9 @@ def register_score(
     higher_is_better: bool,
     cost: CostFn,
     params: tuple[Param, ...] = (),
+    reexplains: Callable[[ResolvedParams], int] | None = None,
 ) -> Callable[[FnT], FnT]:
-    """Decorator that adds a faithfulness score under ``name``."""
+    """Decorator that adds a score under ``name``."""
     return _register(
         SCORES,
         ScoreSpec,
@@ -282,6 +282,7 @@ def register_score(
         description=description,
         paper=paper,
         higher_is_better=higher_is_better,
+        reexplains=reexplains,
         validate=None,
         cost=cost,
     )
@@ -292,8 +293,7 @@ def get_method(name: str) -> MethodSpec:
     return METHODS.get(name)
 
 
-list_methods = METHODS.members
-method_names = METHODS.names
+list_methods, method_names = METHODS.members, METHODS.names
 
 
 def iter_methods(backend: Backend | None = None) -> Iterator[MethodSpec]:

@@ -17,6 +17,8 @@ import torch
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.scores import compute_scores
+from service.engine.scores.base import Explainer
+from service.engine.types import Attribution
 from service.protocol import names
 from service.protocol.errors import CancelledError
 from service.protocol.events import EventKind
@@ -96,19 +98,37 @@ def explain_group(replies: Replies, group: Group) -> Iterator[Event]:
 
 def _explain(replies: Replies, live: Group) -> tuple[np.ndarray, np.ndarray | None]:
     """The group's engine call: maps ``(B, H, W)`` and completeness errors (or ``None``)."""
-    spec, params = live[0][1].spec, live[0][1].params
-    attribution = replies.bundle.engine.explain(
-        torch.from_numpy(np.stack([job.model_input for job, _ in live])),  # type: ignore[misc]
-        torch.tensor([work.target for _, work in live], dtype=torch.long),
-        spec.name,
-        params,
-        seed=live[0][0].query.seed,  # type: ignore[union-attr]
-        # Shared work stops only when nobody in the group still wants it.
-        cancelled=lambda: all(job.stopped() for job, _ in live),
-    )
+    images = np.stack([job.model_input for job, _ in live])  # type: ignore[misc]
+    targets = np.array([work.target for _, work in live], dtype=np.int64)
+    attribution = _run_method(replies, live, images, targets)
     maps = attribution.maps.detach().float().cpu().numpy()
     completeness = attribution.completeness_error
     return maps, None if completeness is None else completeness.detach().cpu().numpy()
+
+
+def _run_method(
+    replies: Replies, live: Group, images: np.ndarray, targets: np.ndarray
+) -> Attribution:
+    """The group's method, parameters and seed on ``images``; it stops only when nobody
+    in the group still wants the work."""
+    spec, params = live[0][1].spec, live[0][1].params
+    return replies.bundle.engine.explain(
+        torch.from_numpy(images),
+        torch.from_numpy(targets),
+        spec.name,
+        params,
+        seed=live[0][0].query.seed,  # type: ignore[union-attr]
+        cancelled=lambda: all(job.stopped() for job, _ in live),
+    )
+
+
+def explainer(replies: Replies, live: Group) -> Explainer:
+    """The group's method as the scores that re-run it (stability) call it."""
+
+    def explain(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        return _run_method(replies, live, images, targets).maps.detach().float().cpu().numpy()
+
+    return explain
 
 
 def score_group(
@@ -129,6 +149,7 @@ def score_group(
             list(dict.fromkeys(n for job_names in requested.values() for n in job_names)),
             seed=wanted[0][0].query.seed,  # type: ignore[union-attr]
             check=_all_stopped([job for job, _, _ in wanted]),
+            explain=explainer(replies, live),
         )
     except Exception as exc:
         if shared_failure([job for job, _, _ in wanted], exc):

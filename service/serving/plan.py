@@ -98,6 +98,19 @@ def bill(
     ]
     maps = len(methods) * targets
     items += [Item(spec.name, spec.cost(spec.defaults, input_shape), maps) for spec in scores]
+    # Scores that re-run the method (stability) cost that many more explanations of each
+    # map; those of one module with the same parameters share one pass, counted once.
+    passes = {
+        (spec.fn.__module__, tuple(spec.defaults.items())): spec.reexplains(spec.defaults)
+        for spec in scores
+        if spec.reexplains is not None
+    }
+    if reruns := sum(passes.values()):
+        items += [
+            Item(f"{label(spec, params)} re-run by the stability scores",
+                 spec.cost(params, input_shape), targets * reruns)
+            for spec, params in methods
+        ]  # fmt: skip
     return items
 
 

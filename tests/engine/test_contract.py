@@ -203,24 +203,29 @@ class RegionModel(nn.Module):
         return torch.stack([20.0 * (region - 0.7), torch.zeros_like(region)], dim=1)
 
 
+def region_method(images: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """The method whose maps are the perfect ones: the region's channel mean, 0 elsewhere.
+    Scores that re-run the scored method (stability) get this one."""
+    maps = np.zeros((len(images), *images.shape[2:]), dtype=np.float32)
+    maps[:, REGION[0], REGION[1]] = images[:, :, REGION[0], REGION[1]].mean(axis=1)
+    return maps
+
+
 @pytest.fixture(scope="module")
 def region(tmp_path_factory: pytest.TempPathFactory) -> tuple[OnnxForward, np.ndarray, ...]:
     forward = export_onnx(RegionModel(), Path(tmp_path_factory.mktemp("region")) / "r.onnx", 32)
     rng = np.random.default_rng(0)
     pictures = rng.uniform(0.0, 0.3, (3, 3, 32, 32)).astype(np.float32)
     pictures[:, :, REGION[0], REGION[1]] = rng.uniform(0.7, 1.0, (3, 3, 12, 12))
-    perfect = np.zeros((3, 32, 32), dtype=np.float32)
-    perfect[:, REGION[0], REGION[1]] = pictures[:, :, REGION[0], REGION[1]].mean(axis=1)
+    perfect = region_method(pictures, np.zeros(3, dtype=np.int64))
     random = rng.uniform(0.0, 1.0, (3, 32, 32)).astype(np.float32)
     return forward, pictures, perfect, random, np.zeros(3, dtype=np.int64)
 
 
-def counted(
-    forward: Callable[[np.ndarray], np.ndarray], calls: list[int]
-) -> Callable[..., np.ndarray]:
-    def wrapper(x: np.ndarray) -> np.ndarray:
+def counted(forward: Callable[..., np.ndarray], calls: list[int]) -> Callable[..., np.ndarray]:
+    def wrapper(x: np.ndarray, *rest: np.ndarray) -> np.ndarray:
         calls.append(len(x))
-        return forward(x)
+        return forward(x, *rest)
 
     return wrapper
 
@@ -230,14 +235,20 @@ def test_a_score_is_finite_per_image_and_batch_independent(
     region: tuple[object, ...], spec: ScoreSpec
 ) -> None:
     forward, pictures, _, random, targets = region
-    score = compute_scores(forward, pictures, random, targets, [spec.name], seed=4, chunk_size=7)
+    names, method = [spec.name], region_method
+    score = compute_scores(
+        forward, pictures, random, targets, names, seed=4, chunk_size=7, explain=method
+    )
     values = score[spec.name]
     assert values.shape == (3,) and values.dtype == np.float64 and np.isfinite(values).all()
-    again = compute_scores(forward, pictures, random, targets, [spec.name], seed=4, chunk_size=64)
+    again = compute_scores(
+        forward, pictures, random, targets, names, seed=4, chunk_size=64, explain=method
+    )
     np.testing.assert_allclose(again[spec.name], values, rtol=1e-6, atol=1e-9)
     for i in range(3):
+        one = slice(i, i + 1)
         alone = compute_scores(
-            forward, pictures[i : i + 1], random[i : i + 1], targets[i : i + 1], [spec.name], seed=4
+            forward, pictures[one], random[one], targets[one], names, seed=4, explain=method
         )
         np.testing.assert_allclose(alone[spec.name][0], values[i], rtol=1e-6, atol=1e-9)
 
@@ -247,8 +258,9 @@ def test_the_perfect_map_wins_in_the_declared_direction(
     region: tuple[object, ...], spec: ScoreSpec
 ) -> None:
     forward, pictures, perfect, random, targets = region
-    good = compute_scores(forward, pictures, perfect, targets, [spec.name])[spec.name]
-    bad = compute_scores(forward, pictures, random, targets, [spec.name])[spec.name]
+    good = compute_scores(forward, pictures, perfect, targets, [spec.name], explain=region_method)
+    bad = compute_scores(forward, pictures, random, targets, [spec.name], explain=region_method)
+    good, bad = good[spec.name], bad[spec.name]
     if spec.higher_is_better:
         assert (good > bad).all(), (good, bad)
     else:
@@ -261,8 +273,13 @@ def test_the_cost_counts_the_forwards_of_a_score(
 ) -> None:
     forward, pictures, _, random, targets = region
     calls: list[int] = []
-    compute_scores(counted(forward, calls), pictures, random, targets, [spec.name])
+    explain = counted(region_method, explained := [])
+    names = [spec.name]
+    compute_scores(counted(forward, calls), pictures, random, targets, names, explain=explain)
     cost = spec.cost(spec.defaults, pictures.shape[1:])
+    # A score's re-explanations are billed to the method, reexplains() times per map.
+    reruns = spec.reexplains(spec.defaults) if spec.reexplains is not None else 0
+    assert sum(explained) == len(pictures) * reruns
     assert sum(calls) == len(pictures) * cost.forwards and cost.backward_rows == 0
     assert cost.memory_bytes > 0
 
@@ -279,6 +296,12 @@ def test_a_passed_deadline_stops_a_score_before_any_forward(
 
     with pytest.raises(DeadlineExceededError):
         compute_scores(
-            counted(forward, calls), pictures, random, targets, [spec.name], check=passed
+            counted(forward, calls),
+            pictures,
+            random,
+            targets,
+            [spec.name],
+            check=passed,
+            explain=counted(region_method, calls),
         )
     assert calls == []

@@ -47,7 +47,7 @@ def test_invalid_inputs_say_what_is_expected(
 
 def test_unknown_method_names_the_known_ones(tiny_engine: Engine) -> None:
     with pytest.raises(UnknownMethodError, match=r"known: .*grad_cam.*vanilla_gradient"):
-        tiny_engine.explain(images(1), None, "lime")
+        tiny_engine.explain(images(1), None, "deconvnet")
 
 
 @pytest.mark.parametrize(

@@ -63,8 +63,13 @@ def test_shape_finite_and_deterministic(tiny_engine: Engine, spec: MethodSpec) -
     assert first.maps.abs().amax(dim=(1, 2)).min() > 0  # not all zero
     torch.testing.assert_close(first.maps, again.maps, rtol=0, atol=0)
     other_seed = tiny_engine.explain(x, [1, 2, 3], spec.name, params, seed=6)
-    if is_noisy(spec):
+    if is_noisy(spec) and not spec.needs_layer:
         assert not torch.allclose(first.maps, other_seed.maps)
+    elif is_noisy(spec):
+        # Noise reaches a CAM map only through d logit / d layer, which a layer followed by
+        # pooling and a linear head (this CNN's) has constant: the seed changes nothing.
+        # test_smooth_grad_cam_pp.py checks the seed and the noise on a deeper layer.
+        torch.testing.assert_close(first.maps, other_seed.maps)
     else:
         torch.testing.assert_close(first.maps, other_seed.maps, rtol=0, atol=0)
 

@@ -23,14 +23,16 @@ from service.engine.errors import (
     UnsupportedMethodError,
 )
 from service.engine.methods.sobol import jansen_total_order, sobol_design
-from service.engine.registry import get_method
+from service.engine.registry import get_method, iter_methods
 from service.engine.types import ExplainContext, NumpyForward
 from service.runtime.onnx_forward import OnnxForward
 from tests.engine.nets import export_onnx
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # aligned to the 4-px cells of an 8x8 grid
-PERTURBATION_METHODS = ("occlusion", "rise", "sobol")
+# From the registry: every forward-only method keeps this file's contract (LIME and
+# KernelSHAP are checked against Captum in test_lime_kernel_shap.py).
+PERTURBATION_METHODS = tuple(spec.name for spec in iter_methods("onnx"))
 
 
 class SmallCnn(torch.nn.Module):

@@ -12,6 +12,7 @@ import torch
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.errors import DeadlineExceededError, InvalidInputError
+from service.engine.registry import SCORES
 from service.engine.scores import (
     SCORE_NAMES,
     compute_scores,
@@ -23,6 +24,9 @@ from service.runtime.onnx_forward import OnnxForward
 from tests.engine.nets import export_onnx
 
 SIZE = 32
+# The scores that need the forward only; the stability scores, which re-run the method,
+# are in test_stability.py (and, like every score, in test_contract.py).
+FORWARD_SCORES = tuple(spec.name for spec in SCORES.members() if spec.reexplains is None)
 REGION = (slice(8, 20), slice(12, 24))
 
 
@@ -150,9 +154,11 @@ def test_scores_do_not_depend_on_chunk_size(
     forward: OnnxForward, case: tuple[np.ndarray, ...]
 ) -> None:
     images, _, random, targets = case
-    a = compute_scores(forward, images, random, targets, SCORE_NAMES, chunk_size=5, n_subsets=16)
-    b = compute_scores(forward, images, random, targets, SCORE_NAMES, chunk_size=64, n_subsets=16)
-    for name in SCORE_NAMES:
+    a = compute_scores(forward, images, random, targets, FORWARD_SCORES, chunk_size=5, n_subsets=16)
+    b = compute_scores(
+        forward, images, random, targets, FORWARD_SCORES, chunk_size=64, n_subsets=16
+    )
+    for name in FORWARD_SCORES:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-9)
 
 
@@ -189,7 +195,7 @@ def test_a_passed_deadline_stops_the_scores(
     images, perfect, _, targets = case
     ctx = ExplainContext(model=None, deadline=time.monotonic() - 1.0)
     with pytest.raises(DeadlineExceededError):
-        compute_scores(forward, images, perfect, targets, SCORE_NAMES, check=ctx.check_deadline)
+        compute_scores(forward, images, perfect, targets, FORWARD_SCORES, check=ctx.check_deadline)
 
 
 def test_maps_must_match_the_images(forward: OnnxForward, case: tuple[np.ndarray, ...]) -> None:

@@ -33,6 +33,10 @@ What a method must show there follows from its definition, and only that is asse
   bicubic upsampling reaches two cells, so beyond two cells from the middle the map is 0.
 * **RISE**: nothing. A pixel's value is the mean score of the masks that keep it; for a
   pixel the class ignores that is the mean score of all masks, not 0. Reported.
+* **LIME and KernelSHAP**: nothing. Their SLIC superpixels follow the image, not the
+  middle, so one may straddle it; and a least-squares fit over random subsets gives a
+  superpixel without effect a coefficient near 0, not 0 (with fewer samples than
+  superpixels, whatever the minimum-norm solution makes of it). Reported.
 
 A method without an entry here is held to what any faithful map should show: its maximum
 and most of its positive mass on the class's half. "Exactly 0" is checked to rounding:
@@ -89,7 +93,7 @@ def expected(spec: MethodSpec, tokens: bool) -> Expected | None:
         return Expected(class_independent=True)
     if spec.name == "gradient_weighted_attention" or (spec.needs_layer and not tokens):
         return Expected(fraction=CAM_BOUND, max_on_own=True)
-    if spec.needs_layer or spec.name == "rise":
+    if spec.needs_layer or spec.name in ("rise", "lime", "kernel_shap"):
         return None
     if spec.name == "occlusion":
         return Expected(zero_beyond=int(defaults["window"]))

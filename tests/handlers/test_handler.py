@@ -90,7 +90,7 @@ def test_one_bad_item_of_each_kind_fails_alone(
         predict_item(),
         {"predict": b"\xff\xff\xff"},
         {"model_info": b""},
-        {"data": png(), "methods": b"grad_cam,lime"},
+        {"data": png(), "methods": b"grad_cam,deconvnet"},
         {"data": png(), "mask": b"grabcut", "top_k": b"2"},
         {"nothing": b""},
         explain_item("grad_cam"),
@@ -111,7 +111,10 @@ def test_one_bad_item_of_each_kind_fails_alone(
     info = pb.ModelInfo.FromString(batch.reply(7))
     assert [m.name for m in info.methods] == sorted(METHODS.names())
     bad_json = json.loads(batch.reply(8))["error"]
-    assert bad_json["code"] == "INVALID_ARGUMENT" and "unknown method 'lime'" in bad_json["message"]
+    assert (
+        bad_json["code"] == "INVALID_ARGUMENT"
+        and "unknown method 'deconvnet'" in bad_json["message"]
+    )
     assert "vanilla_gradient" in bad_json["message"]  # the known names are listed
     good_json = json.loads(batch.reply(9))
     assert len(good_json["explanations"]) == 2 and good_json["explanations"][0]["mask"]["png"]
@@ -151,7 +154,7 @@ def test_only_a_declared_unary_grpc_call_replies_early(
     refused = {"request": b"\x00"}
     items = [
         {**refused, "stream": b"true"},
-        {"data": png(), "methods": b"lime", **UNARY},
+        {"data": png(), "methods": b"deconvnet", **UNARY},
         refused,
         explain_item("rise"),
     ]

@@ -24,6 +24,7 @@ Conventions (shared by the three methods, and what a float64 reference must repr
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -65,6 +66,28 @@ def noise_sigma(inputs: torch.Tensor, noise_level: float) -> torch.Tensor:
     return (noise_level * spread).view(-1, 1, 1, 1)
 
 
+def noisy_rows(
+    ctx: ExplainContext, inputs: torch.Tensor, n_samples: int, noise_level: float
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Chunks of noisy copies ``x_b + sigma_b z_s`` with the item each row belongs to.
+
+    Draws ``z`` (the convention above) when iteration starts; rows ``(sample, item)`` are
+    flattened (row ``r`` = sample ``r // B``, item ``r % B``) and come ``ctx.chunk_size``
+    at a time, the deadline checked before each chunk.
+
+    Yields:
+        ``(noisy rows (n, C, H, W), item index (n,))``.
+    """
+    batch = inputs.shape[0]
+    z = torch.randn((n_samples, *inputs.shape[1:]), generator=ctx.generator)
+    z = z.to(device=inputs.device, dtype=inputs.dtype)
+    sigma = noise_sigma(inputs, noise_level)
+    for part in row_chunks(ctx, n_samples * batch):
+        rows = torch.arange(part.start, part.stop, device=inputs.device)
+        sample, item = rows // batch, rows % batch
+        yield inputs[item] + sigma[item] * z[sample], item
+
+
 def gradient_moments(
     ctx: ExplainContext,
     inputs: torch.Tensor,
@@ -74,23 +97,13 @@ def gradient_moments(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and mean square over noisy samples of the input gradient, per pixel and channel.
 
-    Rows ``(sample, item)`` are flattened (row ``r`` = sample ``r // B``, item ``r % B``)
-    and sent through the model ``ctx.chunk_size`` rows at a time.
-
     Returns:
         ``(mean, mean_square)``, float64 ``(B, C, H, W)``.
     """
     model = require_model(ctx)
-    batch = inputs.shape[0]
-    z = torch.randn((n_samples, *inputs.shape[1:]), generator=ctx.generator)
-    z = z.to(device=inputs.device, dtype=inputs.dtype)
-    sigma = noise_sigma(inputs, noise_level)
     total = torch.zeros(inputs.shape, dtype=torch.float64, device=inputs.device)
     total_sq = torch.zeros_like(total)
-    for part in row_chunks(ctx, n_samples * batch):
-        rows = torch.arange(part.start, part.stop, device=inputs.device)
-        sample, item = rows // batch, rows % batch
-        noisy = inputs[item] + sigma[item] * z[sample]
+    for noisy, item in noisy_rows(ctx, inputs, n_samples, noise_level):
         grads, _ = target_gradients(model, noisy, targets[item])
         grads = grads.to(torch.float64)
         total.index_add_(0, item, grads)

@@ -2,12 +2,14 @@
 
 Every score runs batched forwards of ``chunk_size`` and calls ``check`` (e.g.
 ``ExplainContext.check_deadline``) before each chunk, so a passed deadline raises before
-any score is returned.
+any score is returned. A score that re-runs the explanation method (``reexplains``,
+stability) gets it from the host as an :data:`Explainer`, already bound to the method, its
+parameters and the request's seed: the engine's scores never import the pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +17,11 @@ import numpy as np
 from service.engine.perturb import Check
 from service.engine.registry import SCORES, ResolvedParams
 from service.engine.types import NumpyForward
-from service.protocol.errors import InvalidInputError
+from service.protocol.errors import InvalidInputError, UnsupportedMethodError
+
+Explainer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""The scored method, bound by the host: float32 images ``(N, C, H, W)`` in ``[0, 1]`` and
+int64 targets ``(N,)`` -> maps ``(N, H, W)``, stopping (raising) when the call stops."""
 
 
 @dataclass
@@ -30,6 +36,7 @@ class ScoreContext:
         requested: every score of the call with its parameters, so that scores which can
             share a pass (deletion and insertion) do.
         memo: results of shared passes, for this call only.
+        explain: the scored method, for the scores that re-run it; ``None`` otherwise.
     """
 
     forward: NumpyForward
@@ -38,6 +45,7 @@ class ScoreContext:
     seed: int = 0
     requested: Mapping[str, ResolvedParams] = field(default_factory=dict)
     memo: dict[object, object] = field(default_factory=dict)
+    explain: Explainer | None = None
 
 
 def check_inputs(
@@ -68,6 +76,7 @@ def compute_scores(
     chunk_size: int = 32,
     check: Check | None = None,
     params: Mapping[str, Mapping[str, object]] | None = None,
+    explain: Explainer | None = None,
     **shared: object,
 ) -> dict[str, np.ndarray]:
     """The requested scores of one batch of maps, keyed by registered name.
@@ -82,6 +91,8 @@ def compute_scores(
         chunk_size: perturbed images per forward.
         check: called before every forward; raises to stop (deadline).
         params: per-score parameter overrides, ``{"mu_fidelity": {"n_subsets": 64}}``.
+        explain: the method that made ``maps``, bound to its parameters and seed; needed
+            by the scores that re-run it (``reexplains``), ignored by the others.
         **shared: overrides applied to every requested score that declares the parameter
             (``steps=8`` sets both curves' resolution); a name no score declares is refused.
 
@@ -97,12 +108,16 @@ def compute_scores(
         overrides = {k: v for k, v in shared.items() if k in spec.params.names()}
         overrides.update((params or {}).get(spec.name, {}))
         requested[spec.name] = spec.resolve_params(overrides)
+        if spec.reexplains is not None and explain is None:
+            raise UnsupportedMethodError(
+                f"score {spec.name!r} re-runs the explanation method; none was given"
+            )
     if not specs:
         return {}
     images, maps, targets = check_inputs(images, maps, targets)
     if chunk_size < 1:
         raise InvalidInputError(f"chunk_size must be >= 1, got {chunk_size}")
-    ctx = ScoreContext(forward, chunk_size, check, seed, requested)
+    ctx = ScoreContext(forward, chunk_size, check, seed, requested, explain=explain)
     return {
         spec.name: np.asarray(spec.fn(ctx, images, maps, targets, **requested[spec.name]))
         for spec in specs

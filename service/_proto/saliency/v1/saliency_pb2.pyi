@@ -54,9 +54,15 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     """Average of random smooth masks weighted by the target probability (Petsiuk et al. 2018)"""
     METHOD_SOBOL: _Method.ValueType  # 11
     """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
-    METHOD_ATTENTION_ROLLOUT: _Method.ValueType  # 12
+    METHOD_SMOOTH_GRAD_CAM_PP: _Method.ValueType  # 12
+    """Grad-CAM++ with its derivative terms averaged over noisy copies of the input (Omeiza et al. 2019, Smooth Grad-CAM++)"""
+    METHOD_KERNEL_SHAP: _Method.ValueType  # 13
+    """Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
+    METHOD_LIME: _Method.ValueType  # 14
+    """Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
+    METHOD_ATTENTION_ROLLOUT: _Method.ValueType  # 15
     """Class-independent attention of the readout token(s) to each patch, multiplied through the layers with the residual identity (Abnar & Zuidema 2020, attention rollout)"""
-    METHOD_GRADIENT_WEIGHTED_ATTENTION: _Method.ValueType  # 13
+    METHOD_GRADIENT_WEIGHTED_ATTENTION: _Method.ValueType  # 16
     """Relevance of each patch to the target, from attention weighted by its gradient and propagated through the layers (Chefer et al. 2021, generic attention explainability)"""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
@@ -86,9 +92,15 @@ METHOD_RISE: Method.ValueType  # 10
 """Average of random smooth masks weighted by the target probability (Petsiuk et al. 2018)"""
 METHOD_SOBOL: Method.ValueType  # 11
 """Total-order Sobol indices of grid cells under quasi-Monte Carlo masks (Fel et al. 2021)"""
-METHOD_ATTENTION_ROLLOUT: Method.ValueType  # 12
+METHOD_SMOOTH_GRAD_CAM_PP: Method.ValueType  # 12
+"""Grad-CAM++ with its derivative terms averaged over noisy copies of the input (Omeiza et al. 2019, Smooth Grad-CAM++)"""
+METHOD_KERNEL_SHAP: Method.ValueType  # 13
+"""Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
+METHOD_LIME: Method.ValueType  # 14
+"""Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
+METHOD_ATTENTION_ROLLOUT: Method.ValueType  # 15
 """Class-independent attention of the readout token(s) to each patch, multiplied through the layers with the residual identity (Abnar & Zuidema 2020, attention rollout)"""
-METHOD_GRADIENT_WEIGHTED_ATTENTION: Method.ValueType  # 13
+METHOD_GRADIENT_WEIGHTED_ATTENTION: Method.ValueType  # 16
 """Relevance of each patch to the target, from attention weighted by its gradient and propagated through the layers (Chefer et al. 2021, generic attention explainability)"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
@@ -157,6 +169,10 @@ class _ScoreEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Score.ValueType
     """Area under the target probability as the most salient pixels are added to a blurred copy (Petsiuk et al. 2018, RISE); higher is better"""
     SCORE_MU_FIDELITY: _Score.ValueType  # 3
     """Correlation between saliency removed and score drop over random subsets (Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations); higher is better"""
+    SCORE_MAX_SENSITIVITY: _Score.ValueType  # 4
+    """Largest relative change of the map over random input changes in a small L-inf ball (Yeh et al. 2019, On the Infidelity and Sensitivity of Explanations, SENS_MAX); lower is better"""
+    SCORE_RANK_STABILITY: _Score.ValueType  # 5
+    """Mean Spearman correlation of the map with the maps of randomly changed inputs (Ghorbani et al. 2019, Interpretation of Neural Networks is Fragile); higher is better"""
 
 class Score(_Score, metaclass=_ScoreEnumTypeWrapper):
     """BEGIN GENERATED Score (make protos renders this block from service.engine.registry)"""
@@ -169,6 +185,10 @@ SCORE_INSERTION_AUC: Score.ValueType  # 2
 """Area under the target probability as the most salient pixels are added to a blurred copy (Petsiuk et al. 2018, RISE); higher is better"""
 SCORE_MU_FIDELITY: Score.ValueType  # 3
 """Correlation between saliency removed and score drop over random subsets (Bhatt et al. 2020, Evaluating and Aggregating Feature-based Model Explanations); higher is better"""
+SCORE_MAX_SENSITIVITY: Score.ValueType  # 4
+"""Largest relative change of the map over random input changes in a small L-inf ball (Yeh et al. 2019, On the Infidelity and Sensitivity of Explanations, SENS_MAX); lower is better"""
+SCORE_RANK_STABILITY: Score.ValueType  # 5
+"""Mean Spearman correlation of the map with the maps of randomly changed inputs (Ghorbani et al. 2019, Interpretation of Neural Networks is Fragile); higher is better"""
 Global___Score: _TypeAlias = Score  # noqa: Y015
 
 @_typing.final
