@@ -19,7 +19,10 @@ Conventions (shared with ``gradient_weighted_attention`` where they apply):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from service.engine.attention import capture_attention
 from service.engine.attention_info import AttentionInfo
@@ -69,6 +72,18 @@ def require_attention(ctx: ExplainContext) -> AttentionInfo:
     if ctx.attention is None:
         raise UnsupportedMethodError("this method needs a model with attention layers")
     return ctx.attention
+
+
+ChunkMap = Callable[[nn.Module, AttentionInfo, slice], torch.Tensor]
+"""``(model, attention, rows) -> (b, gh, gw)``: one chunk's maps on the patch grid."""
+
+
+def patch_maps(ctx: ExplainContext, inputs: torch.Tensor, chunk_map: ChunkMap) -> Attribution:
+    """The attention methods' loop: ``chunk_map`` per chunk of rows (the deadline checked
+    before each), the patch-grid maps upsampled bilinearly to the input."""
+    model, info = require_model(ctx), require_attention(ctx)
+    maps = [chunk_map(model, info, part) for part in row_chunks(ctx, inputs.shape[0])]
+    return Attribution(maps=upsample(torch.cat(maps), (inputs.shape[-2], inputs.shape[-1])))
 
 
 def fuse_heads(attention: torch.Tensor, how: str) -> torch.Tensor:
@@ -128,9 +143,8 @@ def attention_rollout(
 
     Paper: https://arxiv.org/abs/2005.00928
     """
-    model, info = require_model(ctx), require_attention(ctx)
-    maps = []
-    for part in row_chunks(ctx, inputs.shape[0]):
+
+    def rollout_map(model: nn.Module, info: AttentionInfo, part: slice) -> torch.Tensor:
         with torch.no_grad(), capture_attention() as capture:
             model(inputs[part])
         calls = info.checked(capture, inputs[part].shape[0])
@@ -141,6 +155,6 @@ def attention_rollout(
                 fused = discard_lowest(fused, discard_ratio)
             layer = fused + identity
             rollout = (layer / layer.sum(dim=-1, keepdim=True)) @ rollout
-        rows = info.readout_weights(rollout.shape[0], rollout.device)
-        maps.append(info.patch_map(rollout, rows))
-    return Attribution(maps=upsample(torch.cat(maps), (inputs.shape[-2], inputs.shape[-1])))
+        return info.patch_map(rollout, info.readout_weights(rollout.shape[0], rollout.device))
+
+    return patch_maps(ctx, inputs, rollout_map)

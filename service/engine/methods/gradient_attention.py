@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from service.engine.attention import capture_attention
-from service.engine.methods.attention_rollout import max_tokens, require_attention
-from service.engine.methods.gradient import require_model, row_chunks, target_logits
-from service.engine.ops import upsample
+from service.engine.attention_info import AttentionInfo
+from service.engine.methods.attention_rollout import max_tokens, patch_maps
+from service.engine.methods.gradient import target_logits
 from service.engine.registry import InputShape, ResolvedParams, register_method
 from service.engine.types import Attribution, ExplainContext
 from service.protocol.cost import Cost
@@ -64,9 +65,8 @@ def gradient_weighted_attention(
 
     Paper: https://arxiv.org/abs/2103.15679
     """
-    model, info = require_model(ctx), require_attention(ctx)
-    maps = []
-    for part in row_chunks(ctx, inputs.shape[0]):
+
+    def relevance_map(model: nn.Module, info: AttentionInfo, part: slice) -> torch.Tensor:
         # The input requires grad so that every attention is in the graph; gradients are
         # taken with respect to the attentions only.
         rows = inputs[part].detach().requires_grad_(True)
@@ -83,8 +83,9 @@ def gradient_weighted_attention(
             last = torch.zeros_like(attention) if grad is None else call.view(grad)
             weighted = F.relu(last * attention).mean(dim=1)
             relevance = relevance + weighted @ relevance
-        maps.append(info.patch_map(relevance, _readout_rows(last, info.readout)))
-    return Attribution(maps=upsample(torch.cat(maps), (inputs.shape[-2], inputs.shape[-1])))
+        return info.patch_map(relevance, _readout_rows(last, info.readout))
+
+    return patch_maps(ctx, inputs, relevance_map)
 
 
 def _readout_rows(last_grad: torch.Tensor, recorded: tuple[int, ...]) -> torch.Tensor:
