@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-SUITES = ("quality", "perturbation", "speed", "e2e", "zoo")
+SUITES = ("quality", "perturbation", "speed", "e2e", "chaos", "zoo")
 
 
 def main() -> None:

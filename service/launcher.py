@@ -1,4 +1,13 @@
-"""Start, wait for, and stop a TorchServe process bound to localhost."""
+"""Start, wait for, and stop a TorchServe process bound to localhost.
+
+Each instance is private to its run directory: its pid file and worker sockets
+(``.ts.sock.<port>``, which TorchServe names by port alone, so two instances on one host
+would delete each other's) live in ``<run_dir>/tmp``, and its access keys in
+``<run_dir>/key_file.json`` (mode 0600; token authorization is on, so another local
+process can neither infer nor scale workers). Each served model is registered twice: the
+explain pool ``<name>`` and the forward-only pool ``<name>--predict``, so a Predict never
+waits behind an explanation (``service.gateway.upstream``).
+"""
 
 from __future__ import annotations
 
@@ -6,123 +15,38 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psutil
+import yaml
 
-from service.gateway.upstream import MAX_MESSAGE_BYTES
+from service.gateway.admission import PoolSize
+from service.gateway.upstream import predict_pool
 from service.model_requirements import write_server_constraints
+from service.ts_config import TorchServePorts, write_config, write_log_config
 
+__all__ = ["TorchServe", "TorchServePorts", "archive_pool"]
+KEY_FILE = "key_file.json"
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds service/ and handlers/
 
 
-@dataclass(frozen=True)
-class TorchServePorts:
-    """TorchServe's five listeners (DESIGN.md defaults)."""
-
-    inference: int = 8080
-    management: int = 8081
-    metrics: int = 8082
-    grpc_inference: int = 7070
-    grpc_management: int = 7071
-
-    @classmethod
-    def free(cls) -> TorchServePorts:
-        """Five ports free right now (for tests running beside a real deployment)."""
-        return cls(*(_free_port() for _ in fields(cls)))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def write_config(
-    path: Path,
-    model_store: Path,
-    ports: TorchServePorts,
-    *,
-    bind: str = "127.0.0.1",
-    extra: Mapping[str, object] | None = None,
-) -> Path:
-    """``config.properties``: localhost only, Prometheus metrics, large enough messages.
-
-    ``extra`` entries are added to (or replace) these, e.g. ``{"enable_model_api": "true"}``
-    for a benchmark that registers models through the management API.
-    """
-    lines: dict[str, object] = {
-        "inference_address": f"http://{bind}:{ports.inference}",
-        "management_address": f"http://{bind}:{ports.management}",
-        "metrics_address": f"http://{bind}:{ports.metrics}",
-        "grpc_inference_address": bind,
-        "grpc_management_address": bind,
-        "grpc_inference_port": ports.grpc_inference,
-        "grpc_management_port": ports.grpc_management,
-        "model_store": model_store,
-        "metrics_mode": "prometheus",
-        "disable_token_authorization": "true",
-        # An archive's requirements.txt (`archive --requirements`) is installed when its
-        # worker starts, in the model's own venv; pip is held to the server's packages by
-        # PIP_CONSTRAINT (see TorchServe.start and service.model_requirements).
-        "install_py_dep_per_model": "true",
-        "max_request_size": MAX_MESSAGE_BYTES,
-        "max_response_size": MAX_MESSAGE_BYTES,
-        "default_response_timeout": 120,
-        **(extra or {}),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{k}={v}\n" for k, v in lines.items()))
-    return path
-
-
-# TorchServe's own log4j2.xml logs org.pytorch.serve at DEBUG to two appenders (a file and
-# stdout) and every request to an access log: per request, CPU that the two cores of a
-# small node would rather give the worker. Here: warnings and errors, the frontend's INFO
-# lines (start-up, worker state, a few per batch, one appender) and all worker output (the
-# worker logs to stdout, so its logged exceptions arrive at INFO). Requests are counted and
-# timed by the gateway's Prometheus metrics instead of an access log.
-_ROLLING_FILE = """    <RollingFile name="{name}" fileName="${{env:LOG_LOCATION:-logs}}/{name}.log"
-                 filePattern="${{env:LOG_LOCATION:-logs}}/{name}.%i.log.gz">
-      <PatternLayout pattern="%d{{ISO8601}} [%-5p] %t %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-      <DefaultRolloverStrategy max="5"/>
-    </RollingFile>"""
-LOG_CONFIG = """<?xml version="1.0" encoding="UTF-8"?>
-<Configuration>
-  <Appenders>
-{appenders}
-  </Appenders>
-  <Loggers>
-    <Logger name="ACCESS_LOG" level="warn" additivity="false"><AppenderRef ref="ts_log"/></Logger>
-    <Logger name="MODEL_LOG" level="info" additivity="false"><AppenderRef ref="model_log"/></Logger>
-    <Logger name="MODEL_METRICS" level="off" additivity="false"/>
-    <Logger name="TS_METRICS" level="off" additivity="false"/>
-    <Logger name="io.netty" level="error"/>
-    <Logger name="org.apache" level="off"/>
-    <Logger name="org.pytorch.serve" level="info" additivity="false">
-      <AppenderRef ref="ts_log"/>
-    </Logger>
-    <Root level="warn"><AppenderRef ref="ts_log"/></Root>
-  </Loggers>
-</Configuration>
-""".replace("{appenders}", "\n".join(_ROLLING_FILE.format(name=n) for n in ("ts_log", "model_log")))
-
-
-def write_log_config(path: Path) -> Path:
-    """TorchServe's log4j2 configuration (:data:`LOG_CONFIG`) at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(LOG_CONFIG)
-    return path
+def archive_pool(mar: Path) -> PoolSize:
+    """The workers and batch size an archive's ``model-config.yaml`` asks for."""
+    with zipfile.ZipFile(mar) as archive:
+        manifest = json.loads(archive.read("MAR-INF/MANIFEST.json"))
+        name = manifest.get("model", {}).get("configFile")
+        config = yaml.safe_load(archive.read(Path(name).name)) if name else {}
+    return PoolSize(
+        workers=int(config.get("minWorkers") or 1), batch_size=int(config.get("batchSize") or 1)
+    )
 
 
 class TorchServe:
@@ -131,10 +55,12 @@ class TorchServe:
     Args:
         model_store: folder of ``.mar`` files.
         models: served name -> ``.mar`` file name, registered at start.
-        run_dir: its configuration, logs and private temp directory.
+        run_dir: its configuration, logs, keys and private temp directory.
         ports: its five listeners; the DESIGN.md defaults when omitted.
         config: a ``config.properties`` to use as it is, instead of writing one.
         settings: extra ``config.properties`` entries for the one written here.
+        split_pools: register each model's forward-only twin (:func:`predict_pool`).
+        predict_workers: workers of each forward-only pool; ``None``: as the archive says.
     """
 
     def __init__(
@@ -145,6 +71,9 @@ class TorchServe:
         ports: TorchServePorts | None = None,
         config: Path | None = None,
         settings: Mapping[str, object] | None = None,
+        *,
+        split_pools: bool = True,
+        predict_workers: int | None = None,
     ) -> None:
         self.model_store = model_store
         self.models = models  # name -> .mar file name
@@ -153,26 +82,54 @@ class TorchServe:
         self.config = config or write_config(
             run_dir / "config.properties", model_store, self.ports, extra=settings
         )
+        self.split_pools = split_pools
+        self.predict_workers = predict_workers
         self.process: subprocess.Popen[bytes] | None = None
         self._log: BinaryIO | None = None
+
+    @property
+    def registered(self) -> dict[str, str]:
+        """TorchServe's model names -> ``.mar``: each model and its forward-only pool."""
+        names = dict(self.models)
+        if self.split_pools:
+            names.update({predict_pool(name): mar for name, mar in self.models.items()})
+        return names
 
     @property
     def grpc_address(self) -> str:
         """``host:port`` of its gRPC inference API, what the gateway fronts."""
         return f"127.0.0.1:{self.ports.grpc_inference}"
 
+    @property
+    def key_file(self) -> Path:
+        """Where TorchServe writes its keys (its working directory)."""
+        return self.run_dir / KEY_FILE
+
+    def pools(self, name: str) -> tuple[PoolSize, PoolSize]:
+        """The explain and forward-only pools' sizes of served model ``name``."""
+        explain = archive_pool(self.model_store / self.models[name])
+        if self.predict_workers is None:
+            return explain, explain
+        return explain, PoolSize(self.predict_workers, explain.batch_size)
+
     def start(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         log_dir = self.run_dir / "logs"
-        # TorchServe keeps its pid file in $TMPDIR and refuses to start while it names a live
-        # process: a private TMPDIR lets instances (tests beside `make serve`) coexist.
+        # The pid file goes to Python's temp dir ($TMPDIR) and the worker sockets, model
+        # unpacking and key file's siblings to Java's (java.io.tmpdir, which TorchServe's
+        # launcher sets from $TEMP; Java itself ignores $TMPDIR): both private, so that
+        # instances (tests beside `make serve`) neither refuse to start nor take each
+        # other's sockets.
         private_tmp = self.run_dir / "tmp"
         private_tmp.mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.key_file.unlink()  # the last run's: wait for this run's own
         env = {
             **os.environ,
             "LOG_LOCATION": str(log_dir),
             "METRICS_LOCATION": str(log_dir),
             "TMPDIR": str(private_tmp),
+            "TEMP": str(private_tmp),
             "PIP_CONSTRAINT": str(write_server_constraints(self.run_dir / "constraints.txt")),
             # A model with requirements runs in a venv of its own (useVenv), which inherits
             # the server's site-packages as plain path entries: their .pth files are not
@@ -190,7 +147,6 @@ class TorchServe:
             "--start",
             "--foreground",
             "--ncs",
-            "--disable-token-auth",
             "--ts-config",
             str(self.config),
             "--log-config",
@@ -199,7 +155,7 @@ class TorchServe:
             str(self.model_store),
         ]
         if self.models:  # none: the management API registers them later
-            command += ["--models", *[f"{name}={mar}" for name, mar in self.models.items()]]
+            command += ["--models", *[f"{n}={mar}" for n, mar in self.registered.items()]]
         self._log = (self.run_dir / "torchserve.out").open("ab")
         self.process = subprocess.Popen(
             command,
@@ -210,57 +166,101 @@ class TorchServe:
             start_new_session=True,
         )
 
+    def key(self, kind: str) -> str | None:
+        """This run's ``inference`` or ``management`` key; ``None`` when auth is off or the
+        keys are not written yet."""
+        try:
+            return str(json.loads(self.key_file.read_text())[kind]["key"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def management(self, method: str, path: str, timeout: float = 300.0) -> Any:
+        """A call to the management API (with the management key), its JSON reply."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports.management}{path}", method=method
+        )
+        key = self.key("management")
+        if key:
+            request.add_header("Authorization", f"Bearer {key}")
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return json.loads(reply.read() or b"null")
+
     def ready(self) -> bool:
         """The frontend answers, and every model has a READY worker (management API)."""
         try:  # with no model to ask about, the frontend's answer is the whole question
-            with urllib.request.urlopen(
-                f"http://127.0.0.1:{self.ports.management}/models", timeout=2
-            ):
-                pass
-        except (urllib.error.URLError, OSError):
+            self.management("GET", "/models", timeout=2)
+            for name in self.registered:
+                described = self.management("GET", f"/models/{name}", timeout=2)
+                workers = described[0].get("workers", []) if described else []
+                if not any(w.get("status") == "READY" for w in workers):
+                    return False
+        except (urllib.error.URLError, OSError, ValueError):
             return False
-        for name in self.models:
-            url = f"http://127.0.0.1:{self.ports.management}/models/{name}"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    described = json.loads(reply.read())
-            except (urllib.error.URLError, OSError, ValueError):
-                return False
-            workers = described[0].get("workers", []) if described else []
-            if not any(w.get("status") == "READY" for w in workers):
-                return False
+        return True
+
+    def check_started(self) -> bool:
+        """One look: ``True`` once every model has a READY worker (and the forward-only
+        pools are sized).
+
+        Raises:
+            RuntimeError: TorchServe exited.
+        """
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"TorchServe exited early; see {self.run_dir / 'logs'}")
+        if not self.ready():
+            return False
+        self._size_predict_pools(timeout=180.0)
         return True
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"TorchServe exited early; see {self.run_dir / 'logs'}")
-            if self.ready():
+            if self.check_started():
                 return
             time.sleep(0.5)
         raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s; see {self.run_dir}/logs")
+
+    def _size_predict_pools(self, timeout: float) -> None:
+        """Scale each forward-only pool to ``predict_workers`` (TorchServe starts it with
+        the archive's worker count, the explain pool's)."""
+        if not self.split_pools or self.predict_workers is None:
+            return
+        n = self.predict_workers
+        for name in self.models:
+            self.management(
+                "PUT",
+                f"/models/{predict_pool(name)}?min_worker={n}&max_worker={n}&synchronous=true",
+                timeout=timeout,
+            )
+
+    def alive(self) -> bool:
+        """Whether the launcher (and so its Java frontend) still runs."""
+        return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 20.0) -> None:
         """Stop the launcher, the Java frontend and its workers; return once all are gone.
 
         The launcher exits before the frontend has finished shutting down, so waiting for
-        it alone would return while ports are still bound and workers still run.
+        it alone would return while ports are still bound and workers still run; and when
+        the frontend died, its workers may outlive it: the whole group is stopped.
         """
-        if self.process is not None and self.process.poll() is None:
+        if self.process is not None:
             group = self.process.pid  # its own session: the group id is its pid
-            os.killpg(group, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline and (
-                self.process.poll() is None or _group_alive(group)
-            ):
-                time.sleep(0.1)
             if self.process.poll() is None or _group_alive(group):
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(group, signal.SIGKILL)
-                self.process.wait()
+                    os.killpg(group, signal.SIGTERM)
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline and (
+                    self.process.poll() is None or _group_alive(group)
+                ):
+                    time.sleep(0.1)
+                if self.process.poll() is None or _group_alive(group):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(group, signal.SIGKILL)
+                    self.process.wait()
         if self._log is not None:  # also after an early exit, which wait_ready reports
             self._log.close()
+            self._log = None
 
     def __enter__(self) -> TorchServe:
         self.start()

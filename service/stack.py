@@ -22,6 +22,9 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from service.gateway.server import Gateway, GatewayConfig, start_gateway
 from service.launcher import TorchServe, TorchServePorts
@@ -62,6 +65,8 @@ def running_torchserve(
     *,
     settings: Mapping[str, object] | None = None,
     ready_timeout: float = 240.0,
+    split_pools: bool = True,
+    predict_workers: int | None = None,
 ) -> Iterator[TorchServe]:
     """TorchServe on free loopback ports, every model with a READY worker; stopped after.
 
@@ -72,6 +77,7 @@ def running_torchserve(
             (removed after) when omitted.
         settings: extra ``config.properties`` entries.
         ready_timeout: seconds to wait for the workers.
+        split_pools, predict_workers: see :class:`~service.launcher.TorchServe`.
 
     Raises:
         RuntimeError: TorchServe exited while starting.
@@ -81,7 +87,13 @@ def running_torchserve(
         if run_dir is None:
             run_dir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ts-run-")))
         server = TorchServe(
-            Path(model_store), dict(models), run_dir, TorchServePorts.free(), settings=settings
+            Path(model_store),
+            dict(models),
+            run_dir,
+            TorchServePorts.free(),
+            settings=settings,
+            split_pools=split_pools,
+            predict_workers=predict_workers,
         )
         server.start()
         cleanup.callback(server.stop)
@@ -109,7 +121,7 @@ def gateway_in_thread(config: GatewayConfig) -> Iterator[Gateway]:
 
 @contextlib.contextmanager
 def running_gateway(
-    upstream: str, models: Sequence[str], *, health_interval_s: float = 0.5
+    upstream: str, models: Sequence[str], *, health_interval_s: float = 0.5, **options: Any
 ) -> Iterator[RunningGateway]:
     """The gateway on free loopback ports in front of ``upstream``; stopped after.
 
@@ -117,7 +129,9 @@ def running_gateway(
         upstream: TorchServe's gRPC inference address (:attr:`TorchServe.grpc_address`),
             or a stand-in's.
         models: the served model names; the first is the default.
-        health_interval_s: how often the gateway polls the upstream's readiness.
+        health_interval_s: how often the gateway checks the upstream.
+        options: more :class:`~service.gateway.server.GatewayConfig` fields (TLS, tokens,
+            pool sizes...).
     """
     config = GatewayConfig(
         host=LOOPBACK,
@@ -127,9 +141,45 @@ def running_gateway(
         upstream=upstream,
         models=tuple(models),
         health_interval_s=health_interval_s,
+        **options,
     )
     with gateway_in_thread(config) as gateway:
         yield RunningGateway(gateway)
+
+
+class _Key(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds TorchServe's inference key to every call."""
+
+    def __init__(self, torchserve: TorchServe) -> None:
+        self.torchserve = torchserve
+
+    def _with_key(self, details: Any) -> Any:
+        key = ("authorization", f"Bearer {self.torchserve.key('inference')}")
+        return details._replace(metadata=(*(details.metadata or ()), key))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_key(details), request)
+
+
+def torchserve_channel(torchserve: TorchServe) -> grpc.Channel:
+    """A blocking channel to TorchServe's gRPC inference API that sends its key, for the
+    callers that talk to TorchServe directly (tests of the handler, benchmarks)."""
+    return grpc.intercept_channel(grpc.insecure_channel(torchserve.grpc_address), _Key(torchserve))
+
+
+def gateway_options(torchserve: TorchServe) -> dict[str, Any]:
+    """The :class:`GatewayConfig` fields that a gateway in front of ``torchserve`` needs:
+    its key file, whether it split the pools, and the pools' sizes."""
+    explain, predict = torchserve.pools(next(iter(torchserve.models)))
+    return {
+        "upstream_key_file": torchserve.key_file,
+        "split_pools": torchserve.split_pools,
+        "explain_pool": explain,
+        "predict_pool": predict,
+    }
 
 
 @contextlib.contextmanager
@@ -141,14 +191,26 @@ def running_stack(
     settings: Mapping[str, object] | None = None,
     ready_timeout: float = 240.0,
     health_interval_s: float = 0.5,
+    predict_workers: int | None = None,
+    **gateway: Any,
 ) -> Iterator[Stack]:
-    """:func:`running_torchserve` and :func:`running_gateway` in front of it, as one."""
-    with (
-        running_torchserve(
-            model_store, models, run_dir, settings=settings, ready_timeout=ready_timeout
-        ) as torchserve,
-        running_gateway(
-            torchserve.grpc_address, list(torchserve.models), health_interval_s=health_interval_s
-        ) as gateway,
-    ):
-        yield Stack(torchserve, gateway)
+    """:func:`running_torchserve` and :func:`running_gateway` in front of it, as one.
+
+    ``gateway`` holds more :class:`~service.gateway.server.GatewayConfig` fields.
+    """
+    with running_torchserve(
+        model_store,
+        models,
+        run_dir,
+        settings=settings,
+        ready_timeout=ready_timeout,
+        predict_workers=predict_workers,
+    ) as torchserve:
+        options = {**gateway_options(torchserve), **gateway}
+        with running_gateway(
+            torchserve.grpc_address,
+            list(torchserve.models),
+            health_interval_s=health_interval_s,
+            **options,
+        ) as front:
+            yield Stack(torchserve, front)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.launcher import write_log_config
+from service.ts_config import write_log_config
 
 
 def test_log_config_keeps_worker_output_and_drops_per_request_lines(tmp_path: Path) -> None:

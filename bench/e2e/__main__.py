@@ -36,7 +36,7 @@ from service.launcher import TorchServe
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.pipeline import Explainer
-from service.stack import running_gateway, running_torchserve
+from service.stack import gateway_options, running_gateway, running_torchserve
 
 
 def run(
@@ -72,6 +72,7 @@ def run(
             # TorchServe >= 0.11 only allows when enabled (on loopback, for this run only).
             settings={"enable_model_api": "true"},
             ready_timeout=300,
+            split_pools=False,  # one pool: the sweep measures each configuration alone
         ) as ts:
             setup.append(f"TorchServe start {time.perf_counter() - began:.0f} s")
 
@@ -84,7 +85,9 @@ def run(
             }
             del explainer
 
-            with running_gateway(ts.grpc_address, [MODEL], health_interval_s=1.0) as gateway:
+            with running_gateway(
+                ts.grpc_address, [MODEL], health_interval_s=1.0, **gateway_options(ts)
+            ) as gateway:
                 served = Served(ts, gateway.address, base, requests, seconds, warmup)
                 sweeps = [served.default_configuration()]
                 # Sustained run on the default configuration: worker memory over time.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import urllib.error
 import urllib.parse
@@ -98,13 +97,11 @@ def variant(base: Path, config: BatchConfig) -> Path:
 
 
 def management(ts: TorchServe, method: str, path: str, timeout: float = 300.0) -> dict[str, object]:
-    url = f"http://127.0.0.1:{ts.ports.management}{path}"
-    request = urllib.request.Request(url, method=method)
-    with urllib.request.urlopen(request, timeout=timeout) as reply:
-        body = reply.read()
     try:
-        parsed = json.loads(body or b"{}")
+        parsed = ts.management(method, path, timeout=timeout)
     except ValueError:
+        return {}
+    if parsed is None:
         return {}
     return parsed if isinstance(parsed, dict) else {"items": parsed}
 

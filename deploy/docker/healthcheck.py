@@ -1,10 +1,13 @@
 """Health check for the saliency-serve image (Docker HEALTHCHECK and Kubernetes exec probes).
 
     python /opt/saliency/healthcheck.py gateway [HOST:PORT] [SERVICE]
-        grpc.health.v1 Check on the gateway (default 127.0.0.1:50051, service "" = the
-        server as a whole); healthy when the status is SERVING.
-    python /opt/saliency/healthcheck.py torchserve [URL]
+        grpc.health.v1 Check on the gateway (default 127.0.0.1:50052, the gateway's
+        plaintext loopback health port, which a TLS or mTLS gateway also serves; service
+        "" = the server as a whole); healthy when the status is SERVING.
+    python /opt/saliency/healthcheck.py torchserve [URL] [KEY_FILE]
         GET TorchServe's /ping (default http://127.0.0.1:8080/ping); healthy on HTTP 200.
+        With token authorization on, /ping needs TorchServe's inference key: KEY_FILE is
+        the key_file.json TorchServe writes in its working directory.
 
 Exit status 0 = healthy, 1 = unhealthy, 2 = usage error. Uses the standard library only
 for the TorchServe check (it runs every few seconds as a Kubernetes probe: no grpc import,
@@ -13,18 +16,36 @@ no curl in the image), grpcio from the image's venv for the gateway check.
 
 from __future__ import annotations
 
+import json
 import sys
 import urllib.error
 import urllib.request
 
 TIMEOUT_S = 3.0
-GATEWAY_DEFAULT = "127.0.0.1:50051"
+GATEWAY_DEFAULT = "127.0.0.1:50052"
 TORCHSERVE_DEFAULT = "http://127.0.0.1:8080/ping"
 
 
-def check_torchserve(url: str = TORCHSERVE_DEFAULT, timeout: float = TIMEOUT_S) -> tuple[bool, str]:
+def inference_key(key_file: str) -> str:
+    """TorchServe's inference key from its key_file.json ("" when not written yet)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with open(key_file, encoding="utf-8") as f:
+            return str(json.load(f)["inference"]["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def check_torchserve(
+    url: str = TORCHSERVE_DEFAULT, timeout: float = TIMEOUT_S, key_file: str | None = None
+) -> tuple[bool, str]:
+    request = urllib.request.Request(url)
+    if key_file is not None:
+        key = inference_key(key_file)
+        if not key:
+            return False, f"no inference key in {key_file} yet"
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             body = resp.read(512).decode("utf-8", "replace").strip()
             return resp.status == 200, f"HTTP {resp.status} {body}"
     except urllib.error.HTTPError as e:
@@ -55,7 +76,10 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     if argv[0] == "torchserve":
-        ok, detail = check_torchserve(argv[1] if len(argv) > 1 else TORCHSERVE_DEFAULT)
+        ok, detail = check_torchserve(
+            argv[1] if len(argv) > 1 else TORCHSERVE_DEFAULT,
+            key_file=argv[2] if len(argv) > 2 else None,
+        )
     else:
         ok, detail = check_gateway(
             argv[1] if len(argv) > 1 else GATEWAY_DEFAULT, argv[2] if len(argv) > 2 else ""

@@ -44,13 +44,40 @@ def add_parsers(sub: Any) -> None:
     explain.add_argument("--out", type=Path, default=Path("explanations"))
     explain.add_argument("--address", default=DEFAULT_ADDRESS)
     explain.add_argument("--timeout", type=float, default=120.0)
+    add_connection_flags(explain)
     explain.set_defaults(func=cmd_explain)
 
     methods = sub.add_parser("methods", help="list the methods, masks and scores")
     methods.add_argument(
         "--address", help="ask this server (descriptions, parameters); else the wire names"
     )
+    add_connection_flags(methods)
     methods.set_defaults(func=cmd_methods)
+
+
+def add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    """How a client command reaches a gateway that has TLS, mutual TLS or tokens."""
+    group = parser.add_argument_group("connection security")
+    group.add_argument("--tls", action="store_true", help="TLS with the system's roots")
+    group.add_argument("--tls-ca", type=Path, help="TLS, trusting this CA (PEM)")
+    group.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (PEM)")
+    group.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    group.add_argument("--tls-server-name", help="name to check the certificate against")
+    group.add_argument(
+        "--token-file", type=Path, help="file holding a bearer token for --auth-token-file"
+    )
+
+
+def connect(args: argparse.Namespace) -> Any:
+    """A :class:`~service.client.SaliencyClient` for ``args.address`` with its security."""
+    from service.client import SaliencyClient, tls_credentials
+
+    secure = args.tls or args.tls_ca or args.tls_cert
+    credentials = tls_credentials(args.tls_ca, args.tls_cert, args.tls_key) if secure else None
+    token = args.token_file.read_text().strip() if args.token_file else None
+    return SaliencyClient(
+        args.address, credentials=credentials, token=token, server_name=args.tls_server_name
+    )
 
 
 def _assignments(items: list[str], what: str) -> list[tuple[str, str]]:
@@ -78,18 +105,19 @@ def method_calls(methods: list[str], params: list[str]) -> list[tuple[str, dict[
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from service.client import SaliencyClient, decode_map, decode_mask, draw_box, overlay
+    from service.client import decode_map, decode_mask, draw_box, overlay
 
     try:
         with Image.open(args.image) as opened:
             image = np.asarray(opened.convert("RGB"))
         methods = method_calls(args.method or [DEFAULT_METHOD], args.param)
         mask_params = dict(_assignments(args.mask_param, "--mask-param"))
-    except (OSError, InvalidInputError) as exc:
+        client = connect(args)
+    except (OSError, ValueError, InvalidInputError) as exc:
         print(f"explain: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    with SaliencyClient(args.address) as client:
+    with client:
         try:
             reply = client.explain(
                 args.image,
@@ -135,9 +163,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"{title}: {', '.join(enum.names())}")
         print("(--address HOST:PORT lists descriptions and parameters from a server)")
         return 0
-    from service.client import SaliencyClient
-
-    with SaliencyClient(args.address) as client:
+    try:
+        client = connect(args)
+    except (OSError, ValueError) as exc:
+        print(f"methods: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             info = client.model_info()
         except grpc.RpcError as exc:

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.cli.gateway_flags import add_gateway_flags, gateway_config
+
 DEFAULT_STORE = Path(os.environ.get("SALIENCY_MODEL_STORE", "model_store"))
 SERVER_MODULES = ("torch", "onnxruntime", "cv2", "ts")
 GATEWAY_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client")
@@ -81,61 +83,65 @@ def _ensure_default_archive(store: Path) -> Path:
 
 @needs(SERVER_MODULES + GATEWAY_MODULES)
 def cmd_serve(args: argparse.Namespace) -> int:
-    from service.gateway.server import GatewayConfig
     from service.launcher import TorchServe, TorchServePorts
+    from service.stack import gateway_options
+    from service.supervisor import Supervisor, serve
 
     # SIGTERM (e.g. from a process manager) unwinds like Ctrl-C, through the finally below.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     mar = _ensure_default_archive(args.model_store)
     ports = TorchServePorts.free() if args.free_torchserve_ports else TorchServePorts()
     torchserve = TorchServe(
-        args.model_store.resolve(), {mar.stem: mar.name}, Path(args.run_dir).resolve(), ports
+        args.model_store.resolve(),
+        {mar.stem: mar.name},
+        Path(args.run_dir).resolve(),
+        ports,
+        predict_workers=args.predict_workers,
     )
     torchserve.start()
     try:
-        print("starting TorchServe (Java) and the model worker...", flush=True)
+        print("starting TorchServe (Java) and the model workers...", flush=True)
         torchserve.wait_ready()
         print(
             f"TorchServe: gRPC 127.0.0.1:{ports.grpc_inference}, HTTP 127.0.0.1:"
             f"{ports.inference}, metrics http://127.0.0.1:{ports.metrics}/metrics",
             flush=True,
         )
-        config = GatewayConfig(
-            port=args.port,
-            metrics_port=args.metrics_port,
-            upstream=f"127.0.0.1:{ports.grpc_inference}",
+        config = gateway_config(
+            args,
+            upstream=torchserve.grpc_address,
             models=(mar.stem,),
+            **gateway_options(torchserve),
         )
-        asyncio.run(_until_signal(config))
+        supervisor = Supervisor(torchserve, args.on_backend_exit)
+        return asyncio.run(serve(config, supervisor, args.drain_seconds))
     finally:
         print("stopping TorchServe...", flush=True)
         torchserve.stop()
+
+
+@needs(GATEWAY_MODULES)
+def cmd_gateway(args: argparse.Namespace) -> int:
+    config = gateway_config(
+        args,
+        upstream=args.upstream,
+        upstream_key_file=args.upstream_key_file,
+        models=tuple(args.model),
+        split_pools=not args.single_pool,
+    )
+    asyncio.run(_until_signal(config, args.drain_seconds))
     return 0
 
 
-async def _until_signal(config: object) -> None:
+async def _until_signal(config: Any, drain_s: float) -> None:
     from service.gateway.server import run_gateway
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await run_gateway(config, stop)  # type: ignore[arg-type]
+    await run_gateway(config, stop, grace=drain_s)
     print("gateway stopped", flush=True)
-
-
-@needs(GATEWAY_MODULES)
-def cmd_gateway(args: argparse.Namespace) -> int:
-    from service.gateway.server import GatewayConfig
-
-    config = GatewayConfig(
-        port=args.port,
-        metrics_port=args.metrics_port,
-        upstream=args.upstream,
-        models=tuple(args.model),
-    )
-    asyncio.run(_until_signal(config))
-    return 0
 
 
 @needs(SERVER_MODULES)
@@ -160,9 +166,13 @@ def cmd_torchserve(args: argparse.Namespace) -> int:
     server.start()
     assert server.process is not None
     try:
-        return server.process.wait()
+        status = server.process.wait()
     finally:
         server.stop()
+    # Not asked to stop: the Java process died. Exit non-zero so that the kubelet (the
+    # supervisor in a pod) restarts this container and counts it.
+    print(f"TorchServe exited unexpectedly (status {status})", file=sys.stderr)
+    return status or 1
 
 
 @needs(SERVER_MODULES)
@@ -178,20 +188,39 @@ def add_parsers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="TorchServe + gateway, default model built once")
     serve.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
     serve.add_argument("--run-dir", default=".cache/run")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--metrics-port", type=int, default=9464)
     serve.add_argument(
         "--free-torchserve-ports",
         action="store_true",
         help="TorchServe on free loopback ports instead of 8080-8082/7070-7071",
     )
+    serve.add_argument(
+        "--predict-workers",
+        type=int,
+        default=None,
+        help="workers of the forward-only pool (default: as many as the archive's)",
+    )
+    serve.add_argument(
+        "--on-backend-exit",
+        choices=("restart", "exit"),
+        default="restart",
+        help="when TorchServe dies: start it again with backoff, or exit 1 for a process "
+        "manager (Kubernetes, systemd) to restart",
+    )
+    add_gateway_flags(serve)
     serve.set_defaults(func=cmd_serve)
 
     gateway = sub.add_parser("gateway", help="the gRPC gateway alone")
-    gateway.add_argument("--port", type=int, default=50051)
-    gateway.add_argument("--metrics-port", type=int, default=9464)
     gateway.add_argument("--upstream", default="127.0.0.1:7070")
+    gateway.add_argument(
+        "--upstream-key-file", type=Path, help="TorchServe's key_file.json (token auth on)"
+    )
     gateway.add_argument("--model", action="append", default=None, required=True)
+    gateway.add_argument(
+        "--single-pool",
+        action="store_true",
+        help="TorchServe has no <model>--predict pools: Predict shares the explain queue",
+    )
+    add_gateway_flags(gateway)
     gateway.set_defaults(func=cmd_gateway)
 
     torchserve = sub.add_parser("torchserve", help="TorchServe in the foreground")

@@ -9,12 +9,20 @@ Example:
     ...         saliency = decode_map(item.map)      # float32 (H, W)
     ...         mask = decode_mask(item.mask)        # bool (H, W)
 
-``AsyncSaliencyClient`` has the same methods for ``asyncio`` (``grpc.aio``).
+``AsyncSaliencyClient`` has the same methods for ``asyncio`` (``grpc.aio``). A gateway with
+TLS and tokens: ``SaliencyClient(address, credentials=tls_credentials("ca.pem"),
+token="...")`` (add ``client_cert`` and ``client_key`` for mutual TLS).
 """
 
 from service.client.aio import AsyncSaliencyClient
 from service.client.decode import decode_map, decode_mask
-from service.client.messages import MethodArg, domain_error, explain_request, predict_request
+from service.client.messages import (
+    MethodArg,
+    domain_error,
+    explain_request,
+    predict_request,
+    tls_credentials,
+)
 from service.client.overlay import draw_box, overlay
 from service.client.sync import SaliencyClient
 
@@ -29,4 +37,5 @@ __all__ = [
     "explain_request",
     "overlay",
     "predict_request",
+    "tls_credentials",
 ]

@@ -34,7 +34,9 @@ class AsyncSaliencyClient(ClientBase):
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
     ) -> pb.ExplainResponse:
         """Prediction and explanations in one response (options: :func:`explain_request`)."""
-        return await self.stub.Explain(explain_request(image, **options), timeout=timeout)
+        return await self.stub.Explain(
+            explain_request(image, **options), timeout=timeout, metadata=self.metadata
+        )
 
     async def explain_stream(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
@@ -43,7 +45,9 @@ class AsyncSaliencyClient(ClientBase):
 
         Leaving the loop early cancels the call, which stops the work it started.
         """
-        call = self.stub.ExplainStream(explain_request(image, **options), timeout=timeout)
+        call = self.stub.ExplainStream(
+            explain_request(image, **options), timeout=timeout, metadata=self.metadata
+        )
         try:
             async for part in call:
                 yield part
@@ -60,9 +64,9 @@ class AsyncSaliencyClient(ClientBase):
     ) -> pb.PredictResponse:
         """Forward only: the ``top_k`` most probable classes."""
         request = predict_request(image, top_k=top_k, model=model)
-        return await self.stub.Predict(request, timeout=timeout)
+        return await self.stub.Predict(request, timeout=timeout, metadata=self.metadata)
 
     async def model_info(self, model: str = "", timeout: float | None = 10.0) -> pb.ModelInfo:
         """Labels, input size, and every method, mask and score with its parameters."""
         request = pb.GetModelInfoRequest(model=model)
-        return await self.stub.GetModelInfo(request, timeout=timeout)
+        return await self.stub.GetModelInfo(request, timeout=timeout, metadata=self.metadata)

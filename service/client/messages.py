@@ -92,12 +92,45 @@ def domain_error(exc: grpc.RpcError) -> EngineError:
     return error_from_code(code.name if code is not None else "UNKNOWN", details or "")
 
 
+def tls_credentials(
+    root_certificates: bytes | str | Path | None = None,
+    client_cert: bytes | str | Path | None = None,
+    client_key: bytes | str | Path | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM bytes or files.
+
+    Args:
+        root_certificates: the CA the gateway's certificate chains to; ``None``: the
+            system's roots.
+        client_cert, client_key: this client's certificate and key, for a gateway that
+            requires mutual TLS.
+    """
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("give both client_cert and client_key, or neither")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(root_certificates),
+        private_key=_pem(client_key),
+        certificate_chain=_pem(client_cert),
+    )
+
+
+def _pem(value: bytes | str | Path | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
 class ClientBase:
-    """The channel and stub both clients share.
+    """The channel, stub and call metadata both clients share.
 
     Args:
         address: ``host:port`` of the gateway.
-        credentials: TLS channel credentials; ``None`` for a plaintext channel.
+        credentials: TLS channel credentials (:func:`tls_credentials`); ``None`` for a
+            plaintext channel.
+        token: a bearer token, sent as ``authorization: Bearer <token>`` on every call
+            (for a gateway started with ``--auth-token-file``).
+        server_name: the name to check the gateway's certificate against, when it differs
+            from the host in ``address`` (an IP address, a tunnel).
     """
 
     transport: Any = grpc  # ``grpc`` or ``grpc.aio``: the same channel signatures
@@ -107,13 +140,19 @@ class ClientBase:
         address: str = "localhost:50051",
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        server_name: str | None = None,
     ) -> None:
+        options: list[tuple[str, Any]] = list(CHANNEL_OPTIONS)
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         if credentials is None:
-            self.channel = self.transport.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channel = self.transport.insecure_channel(address, options=options)
         else:
-            self.channel = self.transport.secure_channel(
-                address, credentials, options=CHANNEL_OPTIONS
-            )
+            self.channel = self.transport.secure_channel(address, credentials, options=options)
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
         self.stub = pb_grpc.ExplainServiceStub(self.channel)
 
     @staticmethod

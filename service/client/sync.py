@@ -33,13 +33,17 @@ class SaliencyClient(ClientBase):
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
     ) -> pb.ExplainResponse:
         """Prediction and explanations in one response (options: :func:`explain_request`)."""
-        return self.stub.Explain(explain_request(image, **options), timeout=timeout)
+        return self.stub.Explain(
+            explain_request(image, **options), timeout=timeout, metadata=self.metadata
+        )
 
     def explain_stream(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
     ) -> Iterator[pb.ExplainStreamResponse]:
         """The prediction first, then each explanation and its scores as they complete."""
-        return self.stub.ExplainStream(explain_request(image, **options), timeout=timeout)
+        return self.stub.ExplainStream(
+            explain_request(image, **options), timeout=timeout, metadata=self.metadata
+        )
 
     def predict(
         self,
@@ -50,8 +54,14 @@ class SaliencyClient(ClientBase):
         timeout: float | None = 10.0,
     ) -> pb.PredictResponse:
         """Forward only: the ``top_k`` most probable classes."""
-        return self.stub.Predict(predict_request(image, top_k=top_k, model=model), timeout=timeout)
+        return self.stub.Predict(
+            predict_request(image, top_k=top_k, model=model),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
 
     def model_info(self, model: str = "", timeout: float | None = 10.0) -> pb.ModelInfo:
         """Labels, input size, and every method, mask and score with its parameters."""
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout)
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(model=model), timeout=timeout, metadata=self.metadata
+        )

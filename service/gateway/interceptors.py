@@ -1,4 +1,9 @@
-"""One interceptor: domain errors -> gRPC status codes, plus latency and in-flight metrics."""
+"""One interceptor: domain errors -> gRPC status codes, plus latency and in-flight metrics.
+
+It also reads each request itself: bytes that are not the method's message are the
+caller's mistake (INVALID_ARGUMENT naming the expected message), where gRPC's own
+deserializer would answer UNKNOWN with a Python exception's text.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,38 @@ from typing import Any
 import grpc
 
 from service.gateway.metrics import GatewayMetrics
-from service.gateway.upstream import UpstreamError
-from service.protocol.errors import EngineError, code_name, message_of
+from service.protocol.errors import EngineError, InvalidInputError, code_name, message_of
 
 logger = logging.getLogger(__name__)
 
 
+class Undecodable:
+    """What the lenient deserializer returns for bytes that are not the expected message."""
+
+    def __init__(self, expected: str, size: int) -> None:
+        self.error = InvalidInputError(
+            f"the request is not a serialized {expected} ({size} bytes could not be parsed)"
+        )
+
+
+def lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """``deserializer``, but returning :class:`Undecodable` instead of raising."""
+    if deserializer is None:
+        return None
+    expected = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = expected.full_name if expected is not None else "request message"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # protobuf's DecodeError, or anything a bad byte string raises
+            return Undecodable(name, len(data))
+
+    return parse
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message a client sees for an exception."""
-    if isinstance(exc, UpstreamError):
-        return exc.code, message_of(exc)
     if isinstance(exc, EngineError):
         return getattr(grpc.StatusCode, code_name(exc)), message_of(exc)
     logger.exception("unexpected error", exc_info=exc)
@@ -34,6 +61,8 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: GatewayMetrics, model_of: Callable[[Any], str]) -> None:
         self.metrics = metrics
         self.model_of = model_of
+        self.active = 0  # calls in flight now
+        self.started = 0  # calls started so far
 
     async def intercept_service(
         self,
@@ -47,13 +76,13 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._unary(rpc, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(rpc, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -66,7 +95,11 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         self.metrics.in_flight.inc()
+        self.active += 1
+        self.started += 1
         try:
+            if isinstance(request, Undecodable):
+                raise request.error
             yield
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -76,6 +109,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(code, message)
         finally:
             self.metrics.in_flight.dec()
+            self.active -= 1
             self._observe(rpc, request, code, start)
 
     def _unary(self, rpc: str, behaviour: Any) -> Any:

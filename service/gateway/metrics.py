@@ -6,7 +6,7 @@ gRPC code names, served model names), never free-form request data.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Latency buckets in seconds: explanations range from ~5 ms (forward only) to tens of
 # seconds (Sobol with thousands of forwards).
@@ -55,6 +55,13 @@ class GatewayMetrics:
         )
         self.upstream_ready = Gauge(
             "saliency_upstream_ready",
-            "1 when TorchServe reports the model ready, else 0.",
+            "1 when a worker of every pool of every model answered a probe lately, else 0.",
+            registry=self.registry,
+        )
+        self.upstream_retries = Counter(
+            "saliency_upstream_retries",
+            "Calls sent to TorchServe once more because their worker died or TorchServe was"
+            " briefly unreachable, by model.",
+            ("model",),
             registry=self.registry,
         )

@@ -36,6 +36,27 @@ class ResourceLimitError(EngineError):
     """The request would exceed a configured limit: pixels, samples, batch (RESOURCE_EXHAUSTED)."""
 
 
+class OverloadedError(ResourceLimitError):
+    """The server is busy right now: the same request can succeed later (RESOURCE_EXHAUSTED).
+
+    Unlike the other resource limits, retrying with backoff is the right answer: the
+    message says so.
+    """
+
+
+class UnavailableError(EngineError):
+    """The model server or its worker cannot answer now: down, restarting, or the worker
+    died during the call (UNAVAILABLE; a retry can succeed)."""
+
+
+class ModelNotFoundError(EngineError):
+    """The model server does not serve the named model (NOT_FOUND)."""
+
+
+class UnauthenticatedError(EngineError):
+    """The call carries no valid credentials (UNAUTHENTICATED)."""
+
+
 class CancelledError(EngineError):
     """The caller went away; the work it started stops (CANCELLED)."""
 
@@ -47,13 +68,21 @@ class DeadlineExceededError(EngineError):
 # Most specific first: the first class an exception is an instance of gives its code.
 _CODES: tuple[tuple[type[EngineError], str], ...] = (
     (InvalidInputError, "INVALID_ARGUMENT"),
+    (OverloadedError, "RESOURCE_EXHAUSTED"),
     (ResourceLimitError, "RESOURCE_EXHAUSTED"),
+    (UnavailableError, "UNAVAILABLE"),
+    (ModelNotFoundError, "NOT_FOUND"),
+    (UnauthenticatedError, "UNAUTHENTICATED"),
     (DeadlineExceededError, "DEADLINE_EXCEEDED"),
     (CancelledError, "CANCELLED"),
     (UnsupportedMethodError, "FAILED_PRECONDITION"),
     (EngineError, "INTERNAL"),
 )
+# A code name back to its class: the least specific class of that code (the last listed),
+# since a status carries no more than its code.
 _BY_CODE: dict[str, type[EngineError]] = {code: cls for cls, code in _CODES}
+RETRYABLE: tuple[type[EngineError], ...] = (OverloadedError, UnavailableError)
+"""Errors after which the same request can succeed (with backoff for an overload)."""
 MAX_MESSAGE_CHARS = 1000
 """Longest error message sent to a client; a status must stay small whatever the input."""
 ECHO_CHARS = 100

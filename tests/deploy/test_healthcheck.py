@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from types import ModuleType
 
 import grpc
@@ -32,8 +34,13 @@ def hc() -> ModuleType:
 
 class _Ping(BaseHTTPRequestHandler):
     status = 200
+    key = ""  # like TorchServe with token authorization on: /ping needs the inference key
 
     def do_GET(self) -> None:
+        if self.key and self.headers.get("Authorization") != f"Bearer {self.key}":
+            self.send_response(401)
+            self.end_headers()
+            return
         body = b'{"status": "Healthy"}' if self.status == 200 else b'{"status": "Unhealthy"}'
         self.send_response(self.status if self.path == "/ping" else 404)
         self.end_headers()
@@ -45,7 +52,7 @@ class _Ping(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def ping_server() -> Iterator[tuple[str, type[_Ping]]]:
-    handler = type("Handler", (_Ping,), {"status": 200})
+    handler = type("Handler", (_Ping,), {"status": 200, "key": ""})
     server = HTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -69,6 +76,19 @@ def test_torchserve_healthy_and_unhealthy(hc: ModuleType, ping_server) -> None:
     handler.status = 500
     ok, detail = hc.check_torchserve(url)
     assert not ok and "500" in detail
+
+
+def test_torchserve_with_token_authorization(hc: ModuleType, ping_server, tmp_path: Path) -> None:
+    url, handler = ping_server
+    handler.key = "inference-key-1"
+    key_file = tmp_path / "key_file.json"
+    assert hc.check_torchserve(url) == (False, "HTTP 401")  # no key sent
+    ok, detail = hc.check_torchserve(url, key_file=str(key_file))
+    assert not ok and "no inference key" in detail  # TorchServe has not written it yet
+    keys = {"management": {"key": "m"}, "inference": {"key": "inference-key-1"}, "API": {}}
+    key_file.write_text(json.dumps(keys))
+    ok, detail = hc.check_torchserve(url, key_file=str(key_file))
+    assert ok and "Healthy" in detail
 
 
 def test_torchserve_down(hc: ModuleType) -> None:

@@ -191,19 +191,63 @@ def test_requests_and_limits(rendered: Rendered, name: str) -> None:
 
 def test_gateway_probes(rendered: Rendered) -> None:
     gw = rendered.container("gateway")
-    # Readiness: native gRPC health check of the API service itself (the one clients call).
-    assert gw["readinessProbe"]["grpc"]["port"] == _port(gw, "grpc")
-    assert gw["readinessProbe"]["grpc"]["service"] == _proto_service()
+    # Readiness: the API service's health, which reflects the backend (a probe request per
+    # pool), on the plaintext loopback health port: the API port is TLS, which the
+    # kubelet's native gRPC probe cannot speak.
+    command = gw["readinessProbe"]["exec"]["command"]
+    assert command[1:3] == ["/opt/saliency/healthcheck.py", "gateway"]
+    assert command[3] == f"127.0.0.1:{_arg(gw, '--health-port')}"
+    assert command[4] == _proto_service()
     # Startup/liveness must not depend on TorchServe: the gRPC server accepting connections.
     for probe in ("startupProbe", "livenessProbe"):
         assert gw[probe]["tcpSocket"]["port"] == "grpc", probe
 
 
+def test_gateway_serves_tls_and_tokens_from_secrets(rendered: Rendered) -> None:
+    """Finding 14: the API with TLS and bearer tokens, both mounted from Secrets."""
+    gw = rendered.container("gateway")
+    volumes = {v["name"]: v for v in rendered.pod_spec["volumes"]}
+    mounts = {m["name"]: m for m in gw["volumeMounts"]}
+
+    def secret_file(flag: str) -> tuple[dict[str, Any], str]:
+        path = _arg(gw, flag)
+        (mount,) = [m for m in mounts.values() if path.startswith(m["mountPath"] + "/")]
+        assert mount.get("readOnly") is True
+        return volumes[mount["name"]], path[len(mount["mountPath"]) + 1 :]
+
+    tls, cert = secret_file("--tls-cert")
+    same, key = secret_file("--tls-key")
+    assert tls is same and tls["secret"]["secretName"] == "saliency-serve-tls"
+    assert (cert, key) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret's keys
+    tokens, name = secret_file("--auth-token-file")
+    assert tokens["secret"]["secretName"] == "saliency-serve-tokens"
+    assert {"key": "tokens", "path": name} in tokens["secret"]["items"]
+    for volume in (tls, tokens):
+        assert volume["secret"]["defaultMode"] & 0o007 == 0  # not world-readable
+    assert "--reflection" not in gw["args"]
+    api = rendered.one("Service", "saliency-serve")
+    assert api["spec"]["ports"][0]["appProtocol"] == "https"  # TLS to the pod, not h2c
+
+
+def test_gateway_holds_torchserve_inference_key(rendered: Rendered) -> None:
+    """TorchServe's token authorization is on: the gateway reads the key file TorchServe
+    writes in its run directory, through a read-only mount of that volume."""
+    gw, ts = rendered.container("gateway"), rendered.container("torchserve")
+    run_dir = _arg(ts, "--run-dir")
+    ts_mount = next(m for m in ts["volumeMounts"] if run_dir.startswith(m["mountPath"]))
+    gw_mount = next(m for m in gw["volumeMounts"] if m["name"] == ts_mount["name"])
+    assert gw_mount.get("readOnly") is True
+    inside = run_dir[len(ts_mount["mountPath"]) :].strip("/")
+    assert _arg(gw, "--upstream-key-file") == f"{gw_mount['mountPath']}/{inside}/key_file.json"
+
+
 def test_torchserve_probes_ping_inside_the_pod(rendered: Rendered) -> None:
     ts = rendered.container("torchserve")
+    key_file = f"{_arg(ts, '--run-dir')}/key_file.json"
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         command = ts[probe]["exec"]["command"]
-        assert command[-2:] == ["/opt/saliency/healthcheck.py", "torchserve"], probe
+        assert command[1:3] == ["/opt/saliency/healthcheck.py", "torchserve"], probe
+        assert command[4] == key_file, probe  # /ping needs the inference key
     # The checker's default URL is TorchServe's /ping on the inference address.
     import importlib.util
 
@@ -233,7 +277,9 @@ def test_torchserve_listens_only_inside_the_pod_except_metrics(rendered: Rendere
     assert [p["name"] for p in ts["ports"]] == ["ts-metrics"]
     assert _arg(ts, "--config") == "/etc/torchserve/config.properties"
     assert _arg(ts, "--model-store") == config["model_store"]
-    assert config["disable_token_authorization"] == "true"  # safe: APIs on 127.0.0.1 only
+    # Token authorization on (finding 14), with keys that live as long as the process.
+    assert "disable_token_authorization" not in config
+    assert float(config["token_expiration_min"]) >= 60 * 24 * 365
     assert config["install_py_dep_per_model"] == "false"
 
 
@@ -251,6 +297,13 @@ def test_torchserve_config_agrees_with_the_launcher(rendered: Rendered) -> None:
     assert int(config["grpc_management_port"]) == ports.grpc_management
     assert int(config["max_request_size"]) >= MAX_MESSAGE_BYTES
     assert int(config["max_response_size"]) >= MAX_MESSAGE_BYTES
+    # The gateway refuses overload first: TorchServe's queue is above its bounds.
+    from service.gateway.server import GatewayConfig
+    from service.ts_config import JOB_QUEUE_SIZE
+
+    bounds = GatewayConfig().admission().limits
+    assert int(config["job_queue_size"]) == JOB_QUEUE_SIZE > max(bounds.values())
+    assert "load_models" not in config  # the launcher registers each model and its twin
 
 
 def test_gateway_talks_to_local_torchserve(rendered: Rendered) -> None:
@@ -259,13 +312,15 @@ def test_gateway_talks_to_local_torchserve(rendered: Rendered) -> None:
     assert _arg(gw, "--upstream") == f"127.0.0.1:{config['grpc_inference_port']}"
     assert int(_arg(gw, "--port")) == _port(gw, "grpc") == 50051
     assert int(_arg(gw, "--metrics-port")) == _port(gw, "metrics") == 9464
+    # The gateway binds loopback unless told: in a pod it must be told, for both.
+    assert _arg(gw, "--host") == _arg(gw, "--metrics-host") == "0.0.0.0"
 
 
 def test_services(rendered: Rendered) -> None:
     pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
     api = rendered.one("Service", "saliency-serve")
     (port,) = api["spec"]["ports"]
-    assert port["name"] == "grpc" and port["appProtocol"] == "kubernetes.io/h2c"
+    assert port["name"] == "grpc"
     assert port["port"] == 50051 and port["targetPort"] == "grpc"
     metrics = rendered.one("Service", "saliency-serve-metrics")
     assert {p["targetPort"] for p in metrics["spec"]["ports"]} == {"metrics", "ts-metrics"}

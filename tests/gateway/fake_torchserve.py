@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +31,17 @@ class Script:
     unary: dict[str, Callable[[ts_pb.PredictionsRequest], Reply]] = field(default_factory=dict)
     stream: Callable[[ts_pb.PredictionsRequest], list[Reply]] | None = None
     hang_stream: asyncio.Event | None = None
+    hold: dict[str, threading.Event] = field(default_factory=dict)
+    """Per TorchServe model name: calls to it wait until the event is set (a busy pool)."""
     received: list[ts_pb.PredictionsRequest] = field(default_factory=list)
+
+    def waiting(self, count: int, timeout: float = 10.0) -> None:
+        """Return once ``count`` requests were received (they may be held)."""
+        end = time.monotonic() + timeout
+        while len(self.received) < count:
+            if time.monotonic() > end:
+                raise TimeoutError(f"{len(self.received)} of {count} requests arrived")
+            time.sleep(0.01)
 
 
 class _Servicer(ts_grpc.InferenceAPIsServiceServicer):
@@ -45,8 +56,15 @@ class _Servicer(ts_grpc.InferenceAPIsServiceServicer):
     async def Predictions(  # type: ignore[override]
         self, request: ts_pb.PredictionsRequest, context: grpc.aio.ServicerContext
     ) -> ts_pb.PredictionResponse:
-        self.script.received.append(request)
         key = next(k for k in ("request", "predict", "model_info") if k in request.input)
+        held = self.script.hold.get(request.model_name)
+        if key not in self.script.unary and key == "model_info":  # the gateway's health probe
+            while held is not None and not held.is_set():
+                await asyncio.sleep(0.01)
+            return ts_pb.PredictionResponse(prediction=b"")
+        self.script.received.append(request)
+        while held is not None and not held.is_set():
+            await asyncio.sleep(0.01)
         reply = self.script.unary[key](request)
         if isinstance(reply, tuple):
             await context.abort(*reply)

@@ -8,7 +8,6 @@ labels from closed sets -- all without Java.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -19,54 +18,10 @@ from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.server import Gateway
 from service.protocol.errors import _CODES
 from service.protocol.names import METHODS
-from service.stack import running_gateway
-from tests.gateway.fake_torchserve import Script, fake_torchserve
+from tests.gateway.fake_torchserve import Script
+from tests.gateway.support import MODEL, calls, reply_with, request
 
-MODEL = "tiny"
 CODES = sorted({code for _, code in _CODES})
-
-
-@pytest.fixture
-def script() -> Script:
-    return Script()
-
-
-@pytest.fixture
-def gateway(script: Script, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Gateway]:
-    monkeypatch.setenv("SALIENCY_CANCEL_DIR", str(tmp_path / "cancel"))
-    with (
-        fake_torchserve(script) as upstream,
-        running_gateway(upstream, [MODEL], health_interval_s=60.0) as started,
-    ):
-        yield started.gateway
-
-
-@pytest.fixture
-def stub(gateway: Gateway) -> Iterator[pb_grpc.ExplainServiceStub]:
-    with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
-        yield pb_grpc.ExplainServiceStub(channel)
-
-
-def request(model: str = "") -> pb.ExplainRequest:
-    return pb.ExplainRequest(model=model, image=pb.Image(encoded=b"png bytes"))
-
-
-def calls(gateway: Gateway, rpc: str, code: str, model: str = MODEL) -> float:
-    """Calls counted with these labels; waits a little, as the interceptor records a call
-    after its status has gone out."""
-    labels = {"method": rpc, "model": model, "code": code}
-    deadline = time.monotonic() + 5.0
-    while True:
-        value = gateway.metrics.registry.get_sample_value(
-            "saliency_request_duration_seconds_count", labels
-        )
-        if value or time.monotonic() > deadline:
-            return value or 0.0
-        time.sleep(0.02)
-
-
-def reply_with(message: pb.ExplainResponse) -> bytes:
-    return message.SerializeToString()
 
 
 def test_a_reply_passes_through_with_its_stage_metrics(
@@ -130,38 +85,89 @@ def test_an_unknown_code_is_internal_and_messages_stay_bounded(
     assert 1000 <= len(err.value.details()) < 1100  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(
-    ("status", "code", "message"),
-    [
-        (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAVAILABLE, "model server unavailable"),
-        (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.NOT_FOUND, "'tiny' is not served here"),
-        (grpc.StatusCode.INTERNAL, grpc.StatusCode.INTERNAL, "model server error: worker died"),
-    ],
-)
-def test_torchserve_failures_keep_their_status(
+# What TorchServe 0.12 sends (code, description with the class name grpc-java appends),
+# and what the client must see (service.protocol.upstream has the sources).
+JAVA = "\norg.pytorch.serve.http.InternalServerException"
+TORCHSERVE_FAILURES = [
+    ("INTERNAL", "Worker died." + JAVA, "UNAVAILABLE", "worker serving tiny stopped"),
+    ("RESOURCE_EXHAUSTED", "Worker died." + JAVA, "UNAVAILABLE", "retry"),  # exit code 137
+    (
+        "INTERNAL",
+        'Model "tiny--predict" has no worker to serve inference request. Please use scale '
+        "workers API to add workers. If this is a sequence inference, please check if it is "
+        "closed, or expired; or exceeds maxSequenceJobQueueSize\nInternalServerException.()",
+        "RESOURCE_EXHAUSTED",
+        "server busy",
+    ),
+    ("INTERNAL", "Out of resources" + JAVA, "RESOURCE_EXHAUSTED", "retry with backoff"),
+    ("UNAVAILABLE", "Prediction failed" + JAVA, "UNAVAILABLE", "failed a batch"),
+    (
+        "INTERNAL",
+        "Model not found: tiny\norg.pytorch.serve.archive.model.ModelNotFoundException",
+        "NOT_FOUND",
+        "model tiny is not loaded",
+    ),
+    (
+        "INTERNAL",
+        "Model version: 2 does not exist for model: tiny\n"
+        "org.pytorch.serve.archive.model.ModelVersionNotFoundException",
+        "NOT_FOUND",
+        "not loaded",
+    ),
+    (
+        "INTERNAL",
+        "Parameter model_name is required.\nBadRequestException.()",
+        "INVALID_ARGUMENT",
+        "no model name",
+    ),
+    (
+        "PERMISSION_DENIED",
+        "Token Authorization failed. Token either incorrect, expired, or not provided correctly",
+        "UNAVAILABLE",
+        "refused the gateway's key",
+    ),
+    ("UNAVAILABLE", "failed to connect to all addresses", "UNAVAILABLE", "not answering"),
+    ("RESOURCE_EXHAUSTED", "gRPC message exceeds maximum size", "RESOURCE_EXHAUSTED", "larger"),
+    ("DEADLINE_EXCEEDED", "Deadline exceeded", "DEADLINE_EXCEEDED", "deadline exceeded"),
+    ("UNIMPLEMENTED", "Method not found: x.y.Z", "INTERNAL", "model server error (UNIMPLEMENTED)"),
+]
+
+
+@pytest.mark.parametrize(("status", "details", "code", "message"), TORCHSERVE_FAILURES)
+def test_each_torchserve_failure_gets_its_code_and_a_clean_message(
     gateway: Gateway,
     stub: pb_grpc.ExplainServiceStub,
     script: Script,
-    status: grpc.StatusCode,
-    code: grpc.StatusCode,
+    status: str,
+    details: str,
+    code: str,
     message: str,
 ) -> None:
-    script.unary["request"] = lambda _: (status, "worker died")
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Explain(request(), timeout=30)
-    assert err.value.code() == code  # type: ignore[attr-defined]
-    assert message in err.value.details()  # type: ignore[attr-defined]
-    assert calls(gateway, "Explain", code.name) == 1
+    script.unary["request"] = lambda _: (getattr(grpc.StatusCode, status), details)
+    script.unary["predict"] = script.unary["request"]
+    for call in (
+        lambda: stub.Explain(request(), timeout=30),
+        lambda: stub.Predict(pb.PredictRequest(), timeout=30),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code().name == code  # type: ignore[attr-defined]
+        text = err.value.details()  # type: ignore[attr-defined]
+        assert message in text
+        assert "org.pytorch" not in text and "Exception" not in text and len(text) < 300
 
 
 def test_an_unknown_model_is_refused_without_an_upstream_call(
     gateway: Gateway, stub: pb_grpc.ExplainServiceStub, script: Script
 ) -> None:
+    # Finding 10: a 20,000-character name made a status over the metadata limit, which the
+    # client saw as RESOURCE_EXHAUSTED; the name is echoed at most ~100 characters.
     with pytest.raises(grpc.RpcError) as err:
-        stub.Explain(request(model="other" * 1000), timeout=30)
+        stub.Explain(request(model="m" * 20_000), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-    assert "this server serves tiny" in err.value.details()  # type: ignore[attr-defined]
-    assert len(err.value.details()) < 1100  # type: ignore[attr-defined]
+    details = err.value.details()  # type: ignore[attr-defined]
+    assert "this server serves tiny" in details
+    assert details.count("m") < 250 and len(details) < 300
     assert script.received == []
     assert calls(gateway, "Explain", "INVALID_ARGUMENT", model="unknown") == 1
 

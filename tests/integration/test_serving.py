@@ -178,6 +178,7 @@ def test_plain_torchserve_client_gets_json_with_maps(torchserve, samples) -> Non
     from service._proto.torchserve import inference_pb2, inference_pb2_grpc
 
     data, label, truth = samples[4]
+    key = (("authorization", f"Bearer {torchserve.key('inference')}"),)  # TorchServe's token
     with grpc.insecure_channel(f"127.0.0.1:{torchserve.ports.grpc_inference}") as ch:
         stub = inference_pb2_grpc.InferenceAPIsServiceStub(ch)
         reply = stub.Predictions(
@@ -185,6 +186,7 @@ def test_plain_torchserve_client_gets_json_with_maps(torchserve, samples) -> Non
                 model_name="shapes", input={"data": data, "methods": b"grad_cam,vanilla_gradient"}
             ),
             timeout=60,
+            metadata=key,
         )
         answer = json.loads(reply.prediction)
         assert answer["predictions"][0]["index"] == label
@@ -207,6 +209,7 @@ def test_plain_torchserve_client_gets_json_with_maps(torchserve, samples) -> Non
                 },
             ),
             timeout=60,
+            metadata=key,
         )
         assert pb.ExplainResponse.FromString(typed.prediction).predictions[0].index == label
 

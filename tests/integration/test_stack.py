@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.launcher import TorchServe
-from service.stack import running_gateway, running_torchserve
+from service.stack import gateway_options, running_gateway, running_torchserve
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +45,7 @@ def test_torchserve_is_gone_after_its_block_also_when_the_block_raises(tmp_path:
         running_torchserve(tmp_path, {}, run_dir, ready_timeout=120) as server,
     ):
         ports = server.ports
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.management}/models") as reply:
-            assert reply.status == 200
+        assert server.management("GET", "/models") == {"models": []}
         assert processes_naming(run_dir)  # the launcher and its Java frontend
         raise RuntimeError("the block failed")
     assert processes_naming(run_dir) == []
@@ -56,7 +55,8 @@ def test_torchserve_is_gone_after_its_block_also_when_the_block_raises(tmp_path:
 
 def test_gateway_is_gone_after_its_block(torchserve: TorchServe) -> None:
     loops_before = sum(t.name == "gateway-loop" for t in threading.enumerate())
-    with running_gateway(torchserve.grpc_address, list(torchserve.models)) as started:
+    options = gateway_options(torchserve)
+    with running_gateway(torchserve.grpc_address, list(torchserve.models), **options) as started:
         with grpc.insecure_channel(started.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             reply = health.Check(health_pb2.HealthCheckRequest(), timeout=10)

@@ -30,7 +30,7 @@ from service.client import SaliencyClient
 from service.launcher import TorchServe
 from service.protocol.events import EventKind, event_kind
 from service.protocol.names import METHODS
-from service.stack import RunningGateway
+from service.stack import RunningGateway, torchserve_channel
 
 pytestmark = pytest.mark.integration
 MODEL = "shapes"
@@ -46,9 +46,7 @@ FATAL = (
 
 def worker_pids(torchserve: TorchServe) -> dict[str, tuple[int, str]]:
     """Worker id -> (pid, status), as the management API describes the model."""
-    url = f"http://127.0.0.1:{torchserve.ports.management}/models/{MODEL}"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        described = json.loads(reply.read())
+    described = torchserve.management("GET", f"/models/{MODEL}", timeout=10)
     return {str(w["id"]): (int(w["pid"]), str(w["status"])) for w in described[0]["workers"]}
 
 
@@ -100,7 +98,7 @@ def watched(torchserve: TorchServe, client: SaliencyClient, samples) -> Iterator
 
 @pytest.fixture(scope="module")
 def ts_stub(torchserve: TorchServe) -> Iterator[ts_grpc.InferenceAPIsServiceStub]:
-    with grpc.insecure_channel(torchserve.grpc_address) as channel:
+    with torchserve_channel(torchserve) as channel:  # TorchServe's token auth is on
         yield ts_grpc.InferenceAPIsServiceStub(channel)
 
 
@@ -275,9 +273,11 @@ def test_the_http_json_path_still_gets_whole_replies(
         + samples[0][0]
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    request = urllib.request.Request(
-        url, data=body, headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}
-    )
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Authorization": f"Bearer {torchserve.key('inference')}",
+    }
+    request = urllib.request.Request(url, data=body, headers=headers)
     with urllib.request.urlopen(request, timeout=60) as reply:
         answer = json.loads(reply.read())
     assert answer["explanations"][0]["map"]["data"]

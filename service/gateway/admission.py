@@ -1,0 +1,90 @@
+"""Bounded work in flight per model and per kind of call; overflow is refused at once.
+
+A call the model server cannot start soon only waits in a queue, holds memory, and
+makes everything behind it later. So the gateway counts the calls it has sent on and not
+yet answered, per model and per pool (``explain``: Explain and ExplainStream; ``predict``:
+Predict and GetModelInfo, which run in the model's forward-only pool), and answers a call
+above the bound at once with RESOURCE_EXHAUSTED saying that it is retryable. The bound is
+sized from the pool's workers and batch size (:meth:`Admission.sized`): enough queued
+batches to keep every worker busy, and always below TorchServe's own ``job_queue_size``
+so that TorchServe's queue never overflows first.
+
+The gateway is one asyncio loop, so plain counters are enough: no lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from service.protocol.errors import OverloadedError
+
+KINDS = {"explain": "explanations", "predict": "predictions"}
+"""Pool name -> what its calls are called in a message."""
+RPC_KINDS = {
+    "Explain": "explain",
+    "ExplainStream": "explain",
+    "Predict": "predict",
+    "GetModelInfo": "predict",
+}
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """A pool's workers and batch size, what its bound is sized from."""
+
+    workers: int
+    batch_size: int
+
+    def bound(self, batches_per_worker: int) -> int:
+        """Calls in flight: ``batches_per_worker`` full batches queued for every worker."""
+        return max(1, self.workers * self.batch_size * batches_per_worker)
+
+
+class Admission:
+    """In-flight counters per (model, kind) with a bound per kind.
+
+    Args:
+        limits: kind (``explain``, ``predict``) -> most calls in flight per model.
+    """
+
+    def __init__(self, limits: Mapping[str, int]) -> None:
+        unknown = set(limits) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {sorted(KINDS)}")
+        self.limits = dict(limits)
+        self.in_flight: dict[tuple[str, str], int] = {}
+        self.refused: dict[tuple[str, str], int] = {}
+
+    @classmethod
+    def sized(cls, explain: PoolSize, predict: PoolSize, batches_per_worker: int = 4) -> Admission:
+        """Bounds from each pool's workers and batch size (:meth:`PoolSize.bound`)."""
+        return cls(
+            {
+                "explain": explain.bound(batches_per_worker),
+                "predict": predict.bound(batches_per_worker),
+            }
+        )
+
+    @contextlib.contextmanager
+    def admit(self, model: str, kind: str) -> Iterator[None]:
+        """Hold one slot of ``kind`` for ``model`` for the block, or refuse at once.
+
+        Raises:
+            OverloadedError: the bound is reached; the message says to retry.
+        """
+        key = (model, kind)
+        limit = self.limits.get(kind)
+        count = self.in_flight.get(key, 0)
+        if limit is not None and count >= limit:
+            self.refused[key] = self.refused.get(key, 0) + 1
+            raise OverloadedError(
+                f"server busy: {count} {KINDS[kind]} in flight for model {model}; "
+                "retry with backoff"
+            )
+        self.in_flight[key] = count + 1
+        try:
+            yield
+        finally:
+            self.in_flight[key] -= 1
