@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import statistics
 import sys
 import time
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Zoo: explain latency at 224 px and the two-halves check",
         "",
         f"- {dt.date.today()}, `{command.strip()}`; {cpu_model()}, "
-        f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={args.omp_wait_policy}",
+        f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={args.omp_wait_policy}, "
+        f"load average {os.getloadavg()[0]:.1f} at the start (other work shares the cores)",
         "",
     ]
     if not args.skip_latency:
@@ -233,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Tiny models at 64 px; `(masked)`: the ViT on the whole image with attention masked "
         "per half, where the attention methods run. `tests/engine/test_two_halves.py` says "
-        "what each method's definition implies and asserts only that.",
+        "what each method's definition implies and asserts only that. LIME and KernelSHAP: SLIC "
+        "finds one superpixel in these uniform-noise images, so their maps are flat or 0 "
+        "here (no case), which says nothing of them on natural images.",
         "",
         *two_halves(args.models),
     ]
