@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli import client_commands, serve_command, server_commands
+from service.cli import archive_command, client_commands, serve_command, server_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve_command.add_parser(sub)
     server_commands.add_parsers(sub)
+    archive_command.add_parser(sub)
     client_commands.add_parsers(sub)
     return parser
 
