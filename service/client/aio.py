@@ -9,7 +9,13 @@ from typing import Any
 import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
+from service.client.messages import (
+    ClientBase,
+    ImageArg,
+    explain_request,
+    predict_request,
+    visualize_request,
+)
 from service.protocol.request import DEFAULT_PREDICT_TOP_K
 
 
@@ -70,3 +76,25 @@ class AsyncSaliencyClient(ClientBase):
         """Labels, input size, and every method, mask and score with its parameters."""
         request = pb.GetModelInfoRequest(model=model)
         return await self.stub.GetModelInfo(request, timeout=timeout, metadata=self.metadata)
+
+    async def visualize_class(
+        self, target: int, *, timeout: float | None = 60.0, **options: Any
+    ) -> pb.VisualizeClassResponse:
+        """The image that maximises class ``target``'s score (options:
+        :func:`~service.client.messages.visualize_request`)."""
+        request = visualize_request(target, **options)
+        return await self.stub.VisualizeClass(request, timeout=timeout, metadata=self.metadata)
+
+    async def visualize_class_stream(
+        self, target: int, *, timeout: float | None = 60.0, **options: Any
+    ) -> AsyncIterator[pb.VisualizeClassStreamResponse]:
+        """Progress as the search goes, the result last; leaving the loop early cancels
+        the call, which stops the search."""
+        call = self.stub.VisualizeClassStream(
+            visualize_request(target, **options), timeout=timeout, metadata=self.metadata
+        )
+        try:
+            async for part in call:
+                yield part
+        finally:
+            call.cancel()
