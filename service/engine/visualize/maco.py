@@ -9,7 +9,9 @@ set can be downloaded here, and the average magnitude of natural images is, to f
 order, a power law ``|F(f)| ~ 1 / f^alpha`` with ``alpha`` close to 1 (power spectrum
 ``1 / f^2``: Field 1987; van der Schaaf & van Hateren 1996). So ``M = 1 / f^alpha``, the
 same for the three channels, ``alpha`` a parameter (default 1), with the DC term set to
-the lowest non-zero frequency's value.
+the lowest non-zero frequency's value. The phase lives on the ``rfft2`` grid: its
+columns 0 and ``W / 2`` hold conjugate pairs that ``irfft2`` symmetrises, so there (2 of
+65 columns at 128 px) the magnitude is kept only on average; everywhere else exactly.
 
 Robustness, as in the paper: each step scores a batch of ``crops`` random views of the
 image -- a random square crop of ``crop_min`` to 1 times the side, at a random place,
