@@ -118,6 +118,7 @@ def test_bad_requests_get_clear_statuses(
     words: str,
     stream: bool,
 ) -> None:
+    options = dict(options)  # the parameter's dict is shared by both stream cases
     target = int(options.pop("target", 0))  # type: ignore[call-overload]
     with pytest.raises(grpc.RpcError) as raised:
         if stream:
