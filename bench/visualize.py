@@ -72,12 +72,15 @@ def run(seeds: int) -> str:
     model, meta = load_default_model()
     labels = list(meta["labels"])
     methods = ["maco", "gradient_ascent"]
-    results = {
-        (method, target, seed): visualize_class(model, meta, method, target, seed)
-        for method in methods
-        for target in range(len(labels))
-        for seed in range(seeds)
-    }
+    results = {}
+    for method in methods:
+        for target in range(len(labels)):
+            for seed in range(seeds):
+                found = visualize_class(model, meta, method, target, seed)
+                results[(method, target, seed)] = found
+                print(
+                    f"{method} {labels[target]} seed {seed}: p={found.probability:.3f}", flush=True
+                )
     lines = [
         "# Class model visualisation of the default model",
         "",

@@ -36,7 +36,7 @@ def test_a_visualisation_is_seeded_and_its_probability_is_the_models(
     image = decode_rgb(first.png)
     assert image.shape == (128, 128, 3)
     assert (first.target, first.target_label, first.seed) == (3, "star", 21)
-    assert first.params["steps"] == "8" and first.params["crop_min"] == "0.5"
+    assert first.params["steps"] == "8" and first.params["crop_min"] == "0.8"
     assert first.model.version and not first.cached
     assert decode_map(first.transparency).shape == (128, 128)
     # Whichever of the two workers answered (or its cache), the same seed gives the same
