@@ -18,9 +18,10 @@ image -- a random square crop of ``crop_min`` to 1 times the side, at a random p
 resized back to the input size, plus Gaussian noise -- and ascends the mean class logit
 of the views with Adam. ``crop_min`` is 0.8 by default: at 0.5 most views magnified the
 image up to twice, the search optimised shapes for that scale, and the whole image --
-what is returned and judged -- scored worse (the default model's circle: p = 0.72 and 0.09 for seeds 1 and
-2 at 0.5, 1.00 at 0.8). The transparency map is the paper's attribution by-product: the
-input-gradient magnitude of the rendered image, accumulated over the steps.
+what is returned and judged -- scored worse (the default model's circle: p = 0.72 and
+0.09 for seeds 1 and 2 at 0.5, 1.00 at 0.8). The transparency map is the paper's
+attribution by-product: the input-gradient magnitude of the rendered image, accumulated
+over the steps.
 """
 
 from __future__ import annotations
