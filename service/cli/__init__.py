@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli import client_commands, server_commands, visualize_command
+from service.cli import archive_command, client_commands, server_commands, visualize_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     server_commands.add_parsers(sub)
+    archive_command.add_parser(sub)
     client_commands.add_parsers(sub)
     visualize_command.add_parsers(sub)
     return parser

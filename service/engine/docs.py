@@ -30,9 +30,14 @@ hand.
 
 Every method takes a batch of float32 images `(B, C, H, W)` in `[0, 1]` and one target class
 per image (default: the predicted class, never class 0), and returns float32 maps `(B, H, W)`
-at input resolution. `torch` methods need a differentiable model and only ever take
-gradients with respect to the input (or, for CAM, the target layer's activations); `onnx`
-methods run forward passes only. Parameters are set per request (`MethodRequest.params`,
+at input resolution. `torch` methods run on the model itself (eager or `torch.export`):
+gradients with respect to the input (or, for CAM, the CAM layer's activations; for the
+attention methods, the attention probabilities), or a forward that reads its attention;
+`onnx` methods run forward passes only. CAM methods read the CAM layer `archive` found or
+was given: a spatial map, or a ViT's patch tokens reshaped to their grid (class and
+register tokens dropped); attention methods need self-attention layers, recorded at the
+same time. `GetModelInfo` marks what a model cannot run `available: false`, with the
+reason. Parameters are set per request (`MethodRequest.params`,
 `MaskOptions.params`) as strings, parsed to their type and checked against their bounds.
 """
 
@@ -61,7 +66,9 @@ def _rst_to_markdown(text: str) -> str:
 def _needs(spec: Member) -> str:
     needs = ["gradients" if getattr(spec, "needs_gradients", False) else "forward only"]
     if getattr(spec, "needs_layer", False):
-        needs.append("target layer")
+        needs.append("CAM layer")
+    if getattr(spec, "needs_attention", False):
+        needs.append("attention layers")
     return ", ".join(needs)
 
 

@@ -60,6 +60,10 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     """Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
     METHOD_LIME: _Method.ValueType  # 14
     """Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
+    METHOD_ATTENTION_ROLLOUT: _Method.ValueType  # 15
+    """Class-independent attention of the readout token(s) to each patch, multiplied through the layers with the residual identity (Abnar & Zuidema 2020, attention rollout)"""
+    METHOD_GRADIENT_WEIGHTED_ATTENTION: _Method.ValueType  # 16
+    """Relevance of each patch to the target, from attention weighted by its gradient and propagated through the layers (Chefer et al. 2021, generic attention explainability)"""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """BEGIN GENERATED Method (make protos renders this block from service.engine.registry)"""
@@ -94,6 +98,10 @@ METHOD_KERNEL_SHAP: Method.ValueType  # 13
 """Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
 METHOD_LIME: Method.ValueType  # 14
 """Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
+METHOD_ATTENTION_ROLLOUT: Method.ValueType  # 15
+"""Class-independent attention of the readout token(s) to each patch, multiplied through the layers with the residual identity (Abnar & Zuidema 2020, attention rollout)"""
+METHOD_GRADIENT_WEIGHTED_ATTENTION: Method.ValueType  # 16
+"""Relevance of each patch to the target, from attention weighted by its gradient and propagated through the layers (Chefer et al. 2021, generic attention explainability)"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _MapEncoding:
@@ -1007,6 +1015,7 @@ class MethodInfo(_message.Message):
     DEFAULTS_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     method: Global___Method.ValueType
     name: _builtins.str
     description: _builtins.str
@@ -1014,7 +1023,9 @@ class MethodInfo(_message.Message):
     needs_gradients: _builtins.bool
     batchable: _builtins.bool
     available: _builtins.bool
-    """False when this model cannot run it (e.g. CAM without a target layer)."""
+    """False when this model cannot run it (e.g. CAM without a CAM layer); `reason` says why."""
+    reason: _builtins.str
+    """Why this model cannot run it, when `available` is false; empty otherwise."""
     @_builtins.property
     def defaults(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -1031,10 +1042,11 @@ class MethodInfo(_message.Message):
         defaults: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         available: _builtins.bool = ...,
         params: _abc.Iterable[Global___ParamInfo] | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batchable", b"batchable", "defaults", b"defaults", "description", b"description", "method", b"method", "name", b"name", "needs_gradients", b"needs_gradients", "paper", b"paper", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batchable", b"batchable", "defaults", b"defaults", "description", b"description", "method", b"method", "name", b"name", "needs_gradients", b"needs_gradients", "paper", b"paper", "params", b"params", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1123,11 +1135,17 @@ class ModelInfo(_message.Message):
     METHODS_FIELD_NUMBER: _builtins.int
     MASKS_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    CAM_LAYER_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     channels: _builtins.int
     height: _builtins.int
     width: _builtins.int
     target_layer: _builtins.str
+    attention: _builtins.str
+    """The model's self-attention as the attention methods read it (layers, heads, tokens,
+    patch grid, the rows its head reads); empty when it has none.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -1142,6 +1160,12 @@ class ModelInfo(_message.Message):
     def masks(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskInfo]: ...
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreInfo]: ...
+    @_builtins.property
+    def cam_layer(self) -> Global___CamLayerInfo:
+        """The layer CAM methods read, as `saliency-serve archive` found or was given it; unset
+        when the model has none (the CAM methods' `reason` says why).
+        """
+
     @_builtins.property
     def error(self) -> Global___Error: ...
     def __init__(
@@ -1158,11 +1182,13 @@ class ModelInfo(_message.Message):
         methods: _abc.Iterable[Global___MethodInfo] | None = ...,
         masks: _abc.Iterable[Global___MaskInfo] | None = ...,
         scores: _abc.Iterable[Global___ScoreInfo] | None = ...,
+        cam_layer: Global___CamLayerInfo | None = ...,
+        attention: _builtins.str = ...,
         error: Global___Error | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cam_layer", b"cam_layer", "error", b"error", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "error", b"error", "height", b"height", "labels", b"labels", "masks", b"masks", "mean", b"mean", "methods", b"methods", "model", b"model", "scores", b"scores", "std", b"std", "target_layer", b"target_layer", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "cam_layer", b"cam_layer", "channels", b"channels", "error", b"error", "height", b"height", "labels", b"labels", "masks", b"masks", "mean", b"mean", "methods", b"methods", "model", b"model", "scores", b"scores", "std", b"std", "target_layer", b"target_layer", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1378,3 +1404,45 @@ class VisualizeClassStreamResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___VisualizeClassStreamResponse: _TypeAlias = VisualizeClassStreamResponse  # noqa: Y015
+
+@_typing.final
+class CamLayerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    GRID_HEIGHT_FIELD_NUMBER: _builtins.int
+    GRID_WIDTH_FIELD_NUMBER: _builtins.int
+    PREFIX_TOKENS_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    HOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Module name inside the served (pixel-space) model, e.g. "model.layer4"."""
+    kind: _builtins.str
+    """"spatial": an (N, C, h, w) map; "tokens": patch tokens reshaped to their grid."""
+    grid_height: _builtins.int
+    grid_width: _builtins.int
+    prefix_tokens: _builtins.int
+    """Class and register tokens dropped before the patches (0 for a spatial map)."""
+    chosen: _builtins.str
+    """"found" automatically at archive time, or "given" with --target-layer."""
+    how: _builtins.str
+    """One line: what was chosen and why."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        grid_height: _builtins.int = ...,
+        grid_width: _builtins.int = ...,
+        prefix_tokens: _builtins.int = ...,
+        chosen: _builtins.str = ...,
+        how: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "grid_height", b"grid_height", "grid_width", b"grid_width", "how", b"how", "kind", b"kind", "name", b"name", "prefix_tokens", b"prefix_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CamLayerInfo: _TypeAlias = CamLayerInfo  # noqa: Y015
