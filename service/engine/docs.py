@@ -45,13 +45,16 @@ reason. Parameters are set per request (`MethodRequest.params`,
 VISUALIZE_TEXT = """\
 `VisualizeClass` (and `VisualizeClassStream`, with progress) returns, for a class, the
 image that maximises its pre-softmax score, as an 8-bit RGB PNG at the model's input size,
-with the model's logit and probability of the class on that PNG. `VisualizeClassRequest.method`
-unset means `maco`. Seeded (same request, same image); a result is cached in the worker
-(a bounded LRU, `service/serving/visualize.py`) under (model version, class, method, parameters,
-seed), and a cached answer says `cached: true`. The search checks the deadline and
-cancellation after every iteration. The default model gives its MACO image of every class
-p >= 0.999 (seeds 0-2), and makes the class its top one on 9 of its 10 gradient-ascent
-images, 8 with p >= 0.9 (`bench/results/class_visualisation.md`)."""
+with the model's logit and probability of the class on that PNG.
+`VisualizeClassRequest.method` unset means `maco`. Seeded: the same request on the same
+worker gives the same image (workers whose forwards round differently, e.g. with layouts
+chosen at load, can give another image of the class: Adam amplifies tiny gradient
+differences); a result is cached in the worker (a bounded LRU,
+`service/serving/visualize.py`) under (model version, class, method, parameters, seed),
+and a cached answer says `cached: true`. The search checks the deadline and cancellation
+after every iteration. The default model gives its MACO image of every class p >= 0.999
+(seeds 0-2), and makes the class its top one on 9 of its 10 gradient-ascent images, 8 with
+p >= 0.9 (`bench/results/class_visualisation.md`)."""
 
 
 def _cell(text: str) -> str:

@@ -39,10 +39,11 @@ def test_a_visualisation_is_seeded_and_its_probability_is_the_models(
     assert first.params["steps"] == "8" and first.params["crop_min"] == "0.8"
     assert first.model.version and not first.cached
     assert decode_map(first.transparency).shape == (128, 128)
-    # Whichever of the two workers answered (or its cache), the same seed gives the same
-    # image, up to one level of 8-bit rounding.
-    difference = decode_rgb(again.png).astype(int) - image.astype(int)
-    assert np.abs(difference).max() <= 1
+    # Not asserted: that the repeat's pixels equal these. Each of the two workers may
+    # answer, and workers whose forwards round differently (layouts chosen at load) drift
+    # apart under Adam, which amplifies tiny gradient differences; one worker's repeat is
+    # checked below, and the same numerics' determinism in tests/serving.
+    assert again.target_label == "star"
     # The probability it reports is what Predict says of the same PNG.
     predicted = client.predict(png_bytes(image), top_k=10)
     by_class = {p.index: p.probability for p in predicted.predictions}
