@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-SUITES = ("quality", "perturbation", "speed", "e2e", "chaos", "http", "zoo")
+SUITES = ("quality", "perturbation", "visualize", "speed", "e2e", "chaos", "http")
 
 
 def main() -> None:

@@ -191,6 +191,30 @@ SCORE_RANK_STABILITY: Score.ValueType  # 5
 """Mean Spearman correlation of the map with the maps of randomly changed inputs (Ghorbani et al. 2019, Interpretation of Neural Networks is Fragile); higher is better"""
 Global___Score: _TypeAlias = Score  # noqa: Y015
 
+class _Visualization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VisualizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Visualization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VISUALIZATION_UNSPECIFIED: _Visualization.ValueType  # 0
+    """Same as VISUALIZATION_MACO."""
+    VISUALIZATION_GRADIENT_ASCENT: _Visualization.ValueType  # 1
+    """Gradient ascent on the input of the class score with an L2 penalty, from the mean image (Simonyan et al. 2013, Deep Inside Convolutional Networks, sec. 2)"""
+    VISUALIZATION_MACO: _Visualization.ValueType  # 2
+    """Fourier phase optimisation under a fixed 1/f natural-image magnitude, with random crops and noise (Fel et al. 2023, Unlocking Feature Visualization for Deeper Networks with MAgnitude-Constrained Optimization)"""
+
+class Visualization(_Visualization, metaclass=_VisualizationEnumTypeWrapper):
+    """BEGIN GENERATED Visualization (make protos renders this block from service.engine.visualize)"""
+
+VISUALIZATION_UNSPECIFIED: Visualization.ValueType  # 0
+"""Same as VISUALIZATION_MACO."""
+VISUALIZATION_GRADIENT_ASCENT: Visualization.ValueType  # 1
+"""Gradient ascent on the input of the class score with an L2 penalty, from the mean image (Simonyan et al. 2013, Deep Inside Convolutional Networks, sec. 2)"""
+VISUALIZATION_MACO: Visualization.ValueType  # 2
+"""Fourier phase optimisation under a fixed 1/f natural-image magnitude, with random crops and noise (Fel et al. 2023, Unlocking Feature Visualization for Deeper Networks with MAgnitude-Constrained Optimization)"""
+Global___Visualization: _TypeAlias = Visualization  # noqa: Y015
+
 @_typing.final
 class Tensor(_message.Message):
     """Pixels sent as a tensor instead of an encoded file."""
@@ -1264,6 +1288,217 @@ class ModelInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class VisualizeClassRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    IMAGE_EVERY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Served model name; empty means the server's default model."""
+    target: _builtins.int
+    """The class whose pre-softmax score is maximised."""
+    method: Global___Visualization.ValueType
+    seed: _builtins.int
+    """Seed of every random draw (start, phases, crops, noise): same request, same image."""
+    image_every: _builtins.int
+    """VisualizeClassStream only: attach the current image to every this many steps'
+    progress (0: progress without images).
+    """
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Overrides of the method's defaults (see the docs' visualisation table); values are
+        parsed to the parameter's type and checked against its bounds.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        target: _builtins.int = ...,
+        method: Global___Visualization.ValueType = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        image_every: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_every", b"image_every", "method", b"method", "model", b"model", "params", b"params", "seed", b"seed", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisualizeClassRequest: _TypeAlias = VisualizeClassRequest  # noqa: Y015
+
+@_typing.final
+class VisualizeClassResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_LABEL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    TRANSPARENCY_FIELD_NUMBER: _builtins.int
+    TARGET_LOGIT_FIELD_NUMBER: _builtins.int
+    TARGET_PROBABILITY_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    target: _builtins.int
+    target_label: _builtins.str
+    method: Global___Visualization.ValueType
+    seed: _builtins.int
+    png: _builtins.bytes
+    """8-bit RGB PNG at the model's input size."""
+    target_logit: _builtins.float
+    """The model's answer on the returned PNG (after 8-bit rounding), through the forward."""
+    target_probability: _builtins.float
+    cached: _builtins.bool
+    """Served from the worker's cache: no search ran."""
+    @_builtins.property
+    def model(self) -> Global___ModelRef: ...
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The parameters actually used (defaults merged with the request)."""
+
+    @_builtins.property
+    def transparency(self) -> Global___SaliencyMap:
+        """MACO: the accumulated input-gradient magnitude (how much each pixel mattered)."""
+
+    @_builtins.property
+    def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageTiming]: ...
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        target: _builtins.int = ...,
+        target_label: _builtins.str = ...,
+        method: Global___Visualization.ValueType = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        png: _builtins.bytes = ...,
+        transparency: Global___SaliencyMap | None = ...,
+        target_logit: _builtins.float = ...,
+        target_probability: _builtins.float = ...,
+        cached: _builtins.bool = ...,
+        timings: _abc.Iterable[Global___StageTiming] | None = ...,
+        error: Global___Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model", "transparency", b"transparency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "error", b"error", "method", b"method", "model", b"model", "params", b"params", "png", b"png", "seed", b"seed", "target", b"target", "target_label", b"target_label", "target_logit", b"target_logit", "target_probability", b"target_probability", "timings", b"timings", "transparency", b"transparency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisualizeClassResponse: _TypeAlias = VisualizeClassResponse  # noqa: Y015
+
+@_typing.final
+class VisualizeClassProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    TARGET_LOGIT_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Iterations done, of `steps`."""
+    steps: _builtins.int
+    target_logit: _builtins.float
+    """The class score of the current image (for MACO: the mean over its random views)."""
+    png: _builtins.bytes
+    """The current image, 8-bit RGB PNG, every `image_every` steps; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        target_logit: _builtins.float = ...,
+        png: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["png", b"png", "step", b"step", "steps", b"steps", "target_logit", b"target_logit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisualizeClassProgress: _TypeAlias = VisualizeClassProgress  # noqa: Y015
+
+@_typing.final
+class VisualizeClassStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___VisualizeClassProgress: ...
+    @_builtins.property
+    def result(self) -> Global___VisualizeClassResponse:
+        """Last message."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___VisualizeClassProgress | None = ...,
+        result: Global___VisualizeClassResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___VisualizeClassStreamResponse: _TypeAlias = VisualizeClassStreamResponse  # noqa: Y015
 
 @_typing.final
 class CamLayerInfo(_message.Message):
