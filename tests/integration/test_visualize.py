@@ -103,7 +103,7 @@ def test_the_async_client_visualises_and_streams(gateway: RunningGateway) -> Non
         ({"target": 10}, grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
         ({"params": {"colour": "red"}}, grpc.StatusCode.INVALID_ARGUMENT, "no parameter"),
         ({"params": {"steps": -3}}, grpc.StatusCode.INVALID_ARGUMENT, "'steps'"),
-        ({"model": "nope"}, grpc.StatusCode.INVALID_ARGUMENT, "unknown model"),
+        ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "unknown model"),
         (
             {"params": {"steps": 4096, "crops": 64}},
             grpc.StatusCode.RESOURCE_EXHAUSTED,
