@@ -190,6 +190,7 @@ def until_stable(
     tolerance: float,
     run: Callable[[int, int, np.ndarray], None],
     estimate: Callable[[int, int], np.ndarray],
+    looked: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Sample checkpoint by checkpoint until each image's estimate stops changing rank.
 
@@ -201,6 +202,9 @@ def until_stable(
     model ignores) ranks stay noisy at any count: the correlation then plateaus below 1,
     and the ceiling, not the tolerance, ends the work. Each image's stop depends on its own
     estimates only, so a batch gives every image the map it gets alone.
+
+    ``looked(used)``, when given, is called after every look but the last with the samples
+    each image has used so far (an anytime map can be sent from there).
 
     Returns:
         ``(B,)`` int64: how many samples each image used.
@@ -227,4 +231,6 @@ def until_stable(
                 running.append(item)
         active = np.asarray(running, dtype=np.int64)
         lo = hi
+        if looked is not None and active.size and hi != checkpoints[-1]:
+            looked(used)
     return used

@@ -9,6 +9,7 @@ reference, themselves checked against Captum and closed forms in ``test_perturba
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from service.engine import perturb
 from service.engine.methods.occlusion import boxes
 from service.engine.methods.rise import RiseMasks
 from service.engine.registry import get_method
-from service.engine.types import NumpyForward
+from service.engine.types import ExplainContext, NumpyForward, Progress
 from service.runtime.onnx_forward import OnnxForward
 from tests.engine.test_perturbation import (  # noqa: F401 (fixtures)
     REGION,
@@ -223,9 +224,82 @@ def test_a_stopped_rise_map_is_the_float64_mean_over_the_masks_it_used(
     used = sum(rows)
     assert used in perturb.doubling(32, 1024)[1:-1]
     # The same draw (the request's generator, seeded 0), folded in float64 here.
-    masks = RiseMasks(1024, 8, 0.5, (SIZE, SIZE), torch.Generator().manual_seed(0))
-    chosen = masks(0, used).astype(np.float64)
-    logits = region_forward((x.numpy() * chosen[:, None]).astype(np.float32)).astype(np.float64)
-    prob = np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
-    expected = np.einsum("n,nhw->hw", prob, chosen) / (used * 0.5)
+    expected = rise_reference(x, region_forward, 1024, used)
     np.testing.assert_allclose(stopped, expected, rtol=1e-4, atol=1e-6 * expected.max())
+
+
+# --- anytime maps -----------------------------------------------------------------------
+
+
+def explain_with_progress(
+    name: str, forward: NumpyForward, x: torch.Tensor, interval: float = 0.0, **params: Any
+) -> tuple[np.ndarray, list[Progress], list[int]]:
+    spec = get_method(name)
+    reports: list[Progress] = []
+    rows: list[int] = []
+    ctx = ExplainContext(
+        model=None,
+        forward_numpy=counting(forward, rows),
+        generator=torch.Generator().manual_seed(0),
+        progress=reports.append,
+        progress_interval=interval,
+    )
+    targets = torch.zeros(x.shape[0], dtype=torch.long)
+    maps = spec.fn(ctx, x, targets, **spec.resolve_params(params)).maps.numpy()
+    return maps, reports, rows
+
+
+def rise_reference(x: torch.Tensor, forward: NumpyForward, ceiling: int, used: int) -> np.ndarray:
+    """RISE of the first ``used`` of ``ceiling`` masks drawn with seed 0, in float64."""
+    masks = RiseMasks(ceiling, 8, 0.5, (SIZE, SIZE), torch.Generator().manual_seed(0))
+    chosen = masks(0, used).astype(np.float64)
+    logits = forward((x.numpy() * chosen[:, None]).astype(np.float32)).astype(np.float64)
+    prob = np.exp(logits[:, 0]) / np.exp(logits).sum(axis=1)
+    return np.einsum("n,nhw->hw", prob, chosen) / (used * 0.5)
+
+
+def test_rise_sends_its_map_at_each_look_before_the_last(
+    region_forward: OnnxForward,  # noqa: F811
+) -> None:
+    x = images(1, seed=2)
+    params = {"n_masks": 1024, "min_masks": 32, "substrate": "zero"}
+    maps, reports, rows = explain_with_progress("rise", region_forward, x, **params)
+    # Looks at 32, 64, 128 masks; the fourth (256) stopped the method: its map is the result.
+    assert [r.forwards for r in reports] == [32, 64, 128] and sum(rows) == 256
+    first = reports[0]
+    assert first.maps.shape == (1, SIZE, SIZE) and first.maps.dtype == torch.float32
+    expected = rise_reference(x, region_forward, 1024, 32)
+    np.testing.assert_allclose(first.maps[0].numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(first.maps.numpy(), maps)
+
+
+def test_occlusion_sends_its_coarse_map_first(region_forward: OnnxForward) -> None:  # noqa: F811
+    x = images(2, seed=1)
+    params = {**COARSE, "coarse": 2}
+    maps, reports, rows = explain_with_progress("occlusion", region_forward, x, **params)
+    coarse = len(boxes(SIZE, SIZE, 8, 4))
+    [report] = reports
+    assert report.forwards == 2 * (1 + coarse) < sum(rows)
+    assert report.maps.shape == maps.shape
+    # The coarse map already puts the batch's maximum drop on the region.
+    for image in report.maps.numpy():
+        y, x_ = np.unravel_index(int(np.argmax(image)), image.shape)
+        assert region_mask()[y, x_]
+
+
+def test_reports_are_rate_limited_and_per_call(region_forward: OnnxForward) -> None:  # noqa: F811
+    # One report per interval: with an hour, only the first look's map goes.
+    params = {"n_masks": 1024, "min_masks": 32, "substrate": "zero"}
+    _, reports, _ = explain_with_progress(
+        "rise", region_forward, images(1, seed=2), interval=3600.0, **params
+    )
+    assert [r.forwards for r in reports] == [32]
+    # Two calls at once, each with its own context: each hears only its own maps.
+    inputs = [images(1, seed=2), images(1, seed=2) * 0.5]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(
+            pool.map(lambda x: explain_with_progress("rise", region_forward, x, **params), inputs)
+        )
+    for x, (_, reports, _) in zip(inputs, results, strict=True):
+        expected = rise_reference(x, region_forward, 1024, reports[0].forwards)
+        np.testing.assert_allclose(reports[0].maps[0].numpy(), expected, rtol=1e-4, atol=1e-6)

@@ -215,12 +215,14 @@ def occlusion(
     item, box = np.divmod(np.arange(batch * len(coarse_boxes)), len(coarse_boxes))
     sums, counts = occlude(item, box, coarse_boxes).transpose(1, 0, 2, 3)
     coarse_maps = sums / counts  # every pixel lies in a coarse window
-    chosen = np.stack([_best_boxes(m, fine, refined) for m in coarse_maps])
-    items = np.repeat(np.arange(batch), refined)
-    sums, counts = occlude(items, chosen.ravel(), fine).transpose(1, 0, 2, 3)
     area = ((fine[0][1] - fine[0][0]) * (fine[0][3] - fine[0][2])) / (
         (coarse_boxes[0][1] - coarse_boxes[0][0]) * (coarse_boxes[0][3] - coarse_boxes[0][2])
     )
+    # The coarse map is the first anytime map: a few dozen forwards into the call.
+    ctx.report_progress(lambda: coarse_maps * area, batch * (1 + len(coarse_boxes)))
+    chosen = np.stack([_best_boxes(m, fine, refined) for m in coarse_maps])
+    items = np.repeat(np.arange(batch), refined)
+    sums, counts = occlude(items, chosen.ravel(), fine).transpose(1, 0, 2, 3)
     with np.errstate(invalid="ignore", divide="ignore"):
         maps = np.where(counts > 0, sums / counts, coarse_maps * area)
     return Attribution(maps=torch.from_numpy(maps.astype(np.float32)))

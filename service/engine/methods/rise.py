@@ -238,10 +238,15 @@ def rise(
     def estimate(item: int, used: int) -> np.ndarray:
         return _pooled(sal[item].reshape(height, width) / used)
 
+    def folded(used: np.ndarray) -> np.ndarray:
+        return (sal / (used[:, None] * p_keep)).reshape(batch, height, width)
+
+    def looked(used: np.ndarray) -> None:
+        ctx.report_progress(lambda: folded(used), int(used.sum()))
+
     checkpoints = perturb.doubling(min_masks, n_masks)
-    used = perturb.until_stable(checkpoints, batch, tolerance, run, estimate)
-    maps = (sal / (used[:, None] * p_keep)).reshape(batch, height, width).astype(np.float32)
-    return Attribution(maps=torch.from_numpy(maps))
+    used = perturb.until_stable(checkpoints, batch, tolerance, run, estimate, looked)
+    return Attribution(maps=torch.from_numpy(folded(used).astype(np.float32)))
 
 
 def _pooled(saliency: np.ndarray) -> np.ndarray:

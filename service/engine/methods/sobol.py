@@ -53,10 +53,12 @@ PARAMS = (
         minimum=2,
         maximum=2**14,
     ),
+    # 0.1, as RISE: on the default model the indices' rank order agreed to 0.90-0.97
+    # between 4 and 8 designs and to >= 0.98 past 16.
     Param(
         "tolerance",
         "float",
-        0.05,
+        0.1,
         "stop once the indices' rank order (Spearman) moved less than this between looks; "
         "0 never stops early",
         minimum=0.0,
@@ -244,11 +246,17 @@ def sobol(
     def indices(item: int, used: int) -> np.ndarray:
         return jansen_from(f_a[item, :used], f_c[item, :, :used])
 
+    def upsampled(used: np.ndarray) -> np.ndarray:
+        maps = np.empty((batch, height, width), dtype=np.float32)
+        for b in range(batch):
+            sti = indices(b, int(used[b])).astype(np.float32)
+            grid = sti.reshape(grid_size, grid_size)
+            maps[b] = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
+        return maps
+
+    def looked(used: np.ndarray) -> None:
+        ctx.report_progress(lambda: upsampled(used), int(used.sum()) * (dims + 2))
+
     checkpoints = perturb.doubling(min_designs, n_designs)
-    used = perturb.until_stable(checkpoints, batch, tolerance, run, indices)
-    maps = np.empty((batch, height, width), dtype=np.float32)
-    for b in range(batch):
-        sti = indices(b, int(used[b])).astype(np.float32)
-        grid = sti.reshape(grid_size, grid_size)
-        maps[b] = cv2.resize(grid, (width, height), interpolation=cv2.INTER_CUBIC)
-    return Attribution(maps=torch.from_numpy(maps))
+    used = perturb.until_stable(checkpoints, batch, tolerance, run, indices, looked)
+    return Attribution(maps=torch.from_numpy(upsampled(used)))
