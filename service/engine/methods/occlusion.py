@@ -48,8 +48,8 @@ PARAMS = (
     # the model sees pixels in [0, 1], and a value far outside makes its logits overflow
     # into a NaN map.
     Param("baseline", "float", 0.5, "value written into the window", minimum=0.0, maximum=1.0),
-    # 4 and 0.15: on the quality bench, ~5x fewer forwards than every window at equal
-    # pointing game and deletion AUC (bench/results/perturbation.md).
+    # 4 and 0.15: on the quality bench, 5.1x fewer forwards than every window at the same
+    # pointing game, deletion AUC 0.027 worse (bench/results/fewer_forwards.md).
     Param(
         "coarse",
         "int",

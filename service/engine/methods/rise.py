@@ -27,7 +27,7 @@ PARAMS = (
     # The masks are drawn up front (n_masks x grid x grid): the per-request budget bounds
     # that memory and the forwards (see cost below); 2**16 is the budget's forwards.
     # 256, not the paper's 4,000-8,000: with the stopping rule below, RISE on the quality
-    # bench scored as 1,024 fixed masks did (bench/results/perturbation.md).
+    # bench scored as 1,024 fixed masks did (bench/results/fewer_forwards.md).
     Param(
         "n_masks",
         "int",
