@@ -44,6 +44,12 @@ class RunningGateway:
         return f"{LOOPBACK}:{self.gateway.port}"
 
     @property
+    def http_url(self) -> str:
+        """Its HTTP/JSON API and web page, ``http://127.0.0.1:PORT`` (no trailing /)."""
+        assert self.gateway.http is not None, "this gateway serves no HTTP"
+        return f"http://{LOOPBACK}:{self.gateway.http.port}"
+
+    @property
     def metrics_url(self) -> str:
         """Its Prometheus ``/metrics`` page."""
         return f"http://{LOOPBACK}:{self.gateway.metrics_port}/metrics"
@@ -141,7 +147,7 @@ def running_gateway(
         upstream=upstream,
         models=tuple(models),
         health_interval_s=health_interval_s,
-        **options,
+        **{"http_port": 0, **options},
     )
     with gateway_in_thread(config) as gateway:
         yield RunningGateway(gateway)

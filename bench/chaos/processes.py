@@ -92,6 +92,8 @@ def gateway_process(torchserve: TorchServe, *flags: str) -> Iterator[tuple[psuti
             str(port),
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             *flags,
         ]
     )
@@ -117,6 +119,8 @@ def serve_process(
             "--port",
             "0",
             "--metrics-port",
+            "0",
+            "--http-port",
             "0",
             "--health-port",
             str(health_port),

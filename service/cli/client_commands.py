@@ -42,6 +42,9 @@ def add_parsers(sub: Any) -> None:
     explain.add_argument("--score", action="append", choices=SCORES.names())
     explain.add_argument("--seed", type=int, default=0)
     explain.add_argument("--out", type=Path, default=Path("explanations"))
+    explain.add_argument(
+        "--html", type=Path, metavar="FILE", help="also write a self-contained HTML report"
+    )
     explain.add_argument("--address", default=DEFAULT_ADDRESS)
     explain.add_argument("--timeout", type=float, default=120.0)
     add_connection_flags(explain)
@@ -154,6 +157,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
     Image.fromarray(np.hstack(tiles)).save(args.out / "overview.png")
     print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
+    if args.html:
+        from service.client.report import html_report
+
+        args.html.write_text(html_report(image, reply, args.image.name), encoding="utf-8")
+        print(f"wrote the report {args.html}")
     return 0
 
 

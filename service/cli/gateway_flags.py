@@ -27,6 +27,13 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="also serve grpc.health.v1 in plaintext on 127.0.0.1:PORT (probes of a TLS gateway)",
     )
+    listen.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="HTTP/JSON API and web page on --host, with the same TLS and tokens (0: a free port)",
+    )
+    listen.add_argument("--no-http", action="store_true", help="serve gRPC only")
     security = parser.add_argument_group("gateway security")
     security.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     security.add_argument("--tls-key", type=Path, help="its private key (PEM)")
@@ -92,6 +99,7 @@ def gateway_config(args: argparse.Namespace, **fields: Any) -> Any:
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         health_port=args.health_port,
+        http_port=None if args.no_http else args.http_port,
         tls=tls,
         auth_token_file=args.auth_token_file,
         reflection=args.reflection,

@@ -21,7 +21,7 @@ from service.cli.gateway_flags import add_gateway_flags, gateway_config
 
 DEFAULT_STORE = Path(os.environ.get("SALIENCY_MODEL_STORE", "model_store"))
 SERVER_MODULES = ("torch", "onnxruntime", "cv2", "ts")
-GATEWAY_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client")
+GATEWAY_MODULES = ("grpc_health", "grpc_reflection", "prometheus_client", "starlette", "uvicorn")
 Command = Callable[[argparse.Namespace], int]
 
 

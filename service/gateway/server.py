@@ -19,6 +19,7 @@ from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.gateway.admission import Admission, PoolSize
 from service.gateway.auth import TokenAuthInterceptor, TokenFile
 from service.gateway.health import BackendHealth
+from service.gateway.http.front import front_of
 from service.gateway.interceptors import ErrorAndMetricsInterceptor
 from service.gateway.memory import HeapTrimmer
 from service.gateway.metrics import GatewayMetrics
@@ -87,6 +88,7 @@ class GatewayConfig:
         tls: serve TLS (and mutual TLS) instead of plaintext.
         auth_token_file: accepted bearer tokens (:class:`TokenFile`); ``None``: no auth.
         reflection: serve gRPC reflection (off: it lists the API to anyone who asks).
+        http_port: HTTP/JSON and the web page on ``host``, same TLS and tokens (None: off).
     """
 
     host: str = "0.0.0.0"
@@ -110,6 +112,7 @@ class GatewayConfig:
     tls: TLSConfig | None = None
     auth_token_file: Path | None = None
     reflection: bool = False
+    http_port: int | None = None
 
     def admission(self) -> Admission:
         sized = Admission.sized(self.explain_pool, self.predict_pool, self.batches_per_worker)
@@ -149,8 +152,9 @@ class Gateway:
             split_pools=config.split_pools,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if config.auth_token_file is not None:  # outermost: a refused call costs nothing
-            interceptors.append(TokenAuthInterceptor(TokenFile(config.auth_token_file)))
+        tokens = TokenFile(config.auth_token_file) if config.auth_token_file else None
+        if tokens is not None:  # outermost: a refused call costs nothing
+            interceptors.append(TokenAuthInterceptor(tokens))
         calls = ErrorAndMetricsInterceptor(self.metrics, self.servicer.model_label)
         interceptors.append(calls)
         self.trimmer = HeapTrimmer(lambda: calls.active, lambda: calls.started)
@@ -163,6 +167,7 @@ class Gateway:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
+        self.http = front_of(config, tokens.accepts if tokens else None)
         self.port = 0
         self.metrics_port = 0
         self.health_port = 0
@@ -200,7 +205,11 @@ class Gateway:
             )
             await self._health_server.start()
         await self.backend.first_round(timeout=5.0)
+        if self.http is not None:  # HTTP calls come in through the same server
+            self.server.add_insecure_port(self.http.internal_address)
         await self.server.start()
+        if self.http is not None:
+            await self.http.start()
         self._poller = asyncio.create_task(self._poll())
 
     async def _poll(self) -> None:
@@ -233,6 +242,8 @@ class Gateway:
                 await self._poller
         await self.backend.close()
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop(grace)
         await self.server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
@@ -263,10 +274,13 @@ def describe(config: GatewayConfig, gateway: Gateway) -> str:
         "mTLS" if config.tls and config.tls.client_ca else "TLS" if config.tls else "plaintext",
         "token auth" if config.auth_token_file else "no auth",
     ]
-    return (
+    line = (
         f"gateway: gRPC {config.host}:{gateway.port} ({', '.join(security)}), metrics "
         f"http://{config.metrics_host}:{gateway.metrics_port}/metrics"
     )
+    if gateway.http is not None:
+        line += f"\nweb page and HTTP/JSON: {gateway.http.url}"
+    return line
 
 
 async def run_gateway(

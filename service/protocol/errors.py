@@ -128,3 +128,37 @@ def clip(value: object, limit: int = ECHO_CHARS) -> str:
     if len(text) <= limit:
         return text
     return text[:limit] + f"... ({len(text)} characters)"
+
+
+# The HTTP status of each gRPC code, for the gateway's HTTP/JSON front: google.rpc.Code's
+# own mapping (its comments in code.proto), with CANCELLED as the 499 that proxies use.
+# FAILED_PRECONDITION is 400, not 412: 412 answers HTTP's conditional headers (If-Match),
+# while here the request asks for what this model cannot do (CAM without a layer). A body
+# over the size limit is 413 (the HTTP front says so itself, before reading it): over
+# gRPC the same refusal is RESOURCE_EXHAUSTED, which is 429 for every other limit.
+HTTP_STATUSES: dict[str, int] = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
+PAYLOAD_TOO_LARGE = 413
+"""The HTTP status of a request body over the size limit (RESOURCE_EXHAUSTED in gRPC)."""
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of a gRPC status code name; 500 for a name that is not one."""
+    return HTTP_STATUSES.get(code, 500)

@@ -81,6 +81,7 @@ def test_client_protocol_and_cli_work_without_the_server_install() -> None:
         )
         from service._proto.saliency.v1 import saliency_pb2 as pb
         from service.cli import build_parser, main
+        from service.client.report import html_report
 
         # A request, through the protocol's names and back.
         png = io.BytesIO()

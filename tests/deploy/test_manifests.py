@@ -312,6 +312,7 @@ def test_gateway_talks_to_local_torchserve(rendered: Rendered) -> None:
     assert _arg(gw, "--upstream") == f"127.0.0.1:{config['grpc_inference_port']}"
     assert int(_arg(gw, "--port")) == _port(gw, "grpc") == 50051
     assert int(_arg(gw, "--metrics-port")) == _port(gw, "metrics") == 9464
+    assert int(_arg(gw, "--http-port")) == _port(gw, "https") == 8000
     # The gateway binds loopback unless told: in a pod it must be told, for both.
     assert _arg(gw, "--host") == _arg(gw, "--metrics-host") == "0.0.0.0"
 
@@ -319,9 +320,11 @@ def test_gateway_talks_to_local_torchserve(rendered: Rendered) -> None:
 def test_services(rendered: Rendered) -> None:
     pod_labels = rendered.deployment["spec"]["template"]["metadata"]["labels"]
     api = rendered.one("Service", "saliency-serve")
-    (port,) = api["spec"]["ports"]
-    assert port["name"] == "grpc"
-    assert port["port"] == 50051 and port["targetPort"] == "grpc"
+    grpc_port, https_port = api["spec"]["ports"]
+    assert grpc_port["name"] == "grpc"
+    assert grpc_port["port"] == 50051 and grpc_port["targetPort"] == "grpc"
+    assert https_port["name"] == "https" and https_port["appProtocol"] == "https"
+    assert https_port["port"] == 8000 and https_port["targetPort"] == "https"
     metrics = rendered.one("Service", "saliency-serve-metrics")
     assert {p["targetPort"] for p in metrics["spec"]["ports"]} == {"metrics", "ts-metrics"}
     for svc in (api, metrics):
@@ -344,13 +347,13 @@ def test_disruption_budget_and_network_policy(rendered: Rendered) -> None:
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
     assert policy["spec"]["egress"] == []
     open_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
-    assert open_ports == {50051, 9464, 8082}
-    # Metrics ports only from the monitoring namespace; gRPC from anywhere in the cluster.
+    assert open_ports == {50051, 8000, 9464, 8082}
+    # Metrics ports only from the monitoring namespace; the API from anywhere in the cluster.
     for rule in policy["spec"]["ingress"]:
         ports = {p["port"] for p in rule["ports"]}
         if ports & {9464, 8082}:
             assert rule["from"], "metrics ports must be restricted to Prometheus"
-            assert 50051 not in ports
+            assert not ports & {50051, 8000}
 
 
 def test_deployment_leaves_replicas_to_the_autoscaler(rendered: Rendered) -> None:

@@ -86,3 +86,16 @@ class Authority:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return _write(self.folder, stem, builder.sign(self.key, hashes.SHA256()), key)
+
+
+def make_pki(folder: Path) -> dict[str, Pair]:
+    """The certificates the TLS tests use: a CA (``ca``), a server (``server``) and a
+    client (``client``) certificate it issued, and a client certificate from a stranger's
+    CA (``stranger``)."""
+    ca, stranger = Authority(folder, "test-ca"), Authority(folder, "stranger-ca")
+    return {
+        "ca": ca.pair,
+        "server": ca.issue("gateway", server=True),
+        "client": ca.issue("client", server=False),
+        "stranger": stranger.issue("intruder", server=False),
+    }

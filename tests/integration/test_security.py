@@ -18,7 +18,7 @@ from service.client import SaliencyClient, tls_credentials
 from service.gateway.server import GatewayConfig, TLSConfig
 from service.launcher import TorchServe
 from service.stack import RunningGateway, gateway_options, running_gateway
-from tests.integration.certificates import Authority, Pair
+from tests.integration.certificates import Pair, make_pki
 
 pytestmark = pytest.mark.integration
 TOKEN = "integration-token-4f1c"
@@ -26,14 +26,7 @@ TOKEN = "integration-token-4f1c"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pair]:
-    folder = tmp_path_factory.mktemp("pki")
-    ca, stranger = Authority(folder, "test-ca"), Authority(folder, "stranger-ca")
-    return {
-        "ca": ca.pair,
-        "server": ca.issue("gateway", server=True),
-        "client": ca.issue("client", server=False),
-        "stranger": stranger.issue("intruder", server=False),
-    }
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """`saliency-serve serve` (what `make serve` runs): both servers up, then a clean Ctrl-C."""
 
+import json
 import queue
 import re
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,8 @@ def test_serve_runs_torchserve_and_gateway_and_stops_both_on_ctrl_c(
         "0",
         "--metrics-port",
         "0",
+        "--http-port",
+        "0",
         "--free-torchserve-ports",
     ]
     process = subprocess.Popen(
@@ -86,12 +90,16 @@ def test_serve_runs_torchserve_and_gateway_and_stops_both_on_ctrl_c(
             _wait_for(lines, r"TorchServe: gRPC 127\.0\.0\.1:(\d+)", 240, process).group(1)
         )
         port = int(_wait_for(lines, r"gateway: gRPC [\d.]+:(\d+)", 60, process).group(1))
+        page = _wait_for(lines, r"web page and HTTP/JSON: (http://[\d.]+:(\d+)/)", 5, process)
         with SaliencyClient(f"127.0.0.1:{port}") as client:
             assert client.predict(samples[0][0]).predictions[0].index == samples[0][1]
+        with urllib.request.urlopen(page.group(1) + "v1/models", timeout=10) as listed:
+            assert json.load(listed)["models"] == ["shapes"]
         process.send_signal(signal.SIGINT)
         assert process.wait(60) == 0
         _wait_for(lines, "stopping TorchServe", 5, process)
         assert not _listening(port)
+        assert not _listening(int(page.group(2)))
         assert not _listening(ts_port)
     finally:
         if process.poll() is None:

@@ -26,11 +26,12 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service._proto.torchserve import inference_pb2 as ts_pb
 from service._proto.torchserve import inference_pb2_grpc as ts_grpc
+from service.archive import BatchConfig
 from service.client import SaliencyClient
 from service.launcher import TorchServe
 from service.protocol.events import EventKind, event_kind
 from service.protocol.names import METHODS
-from service.stack import RunningGateway, torchserve_channel
+from service.stack import RunningGateway, running_torchserve, torchserve_channel
 
 pytestmark = pytest.mark.integration
 MODEL = "shapes"
@@ -209,14 +210,32 @@ def test_a_stream_cancelled_by_its_client_leaves_the_worker_alive(
         time.sleep(0.5)  # the worker sees the mark at its next chunk
 
 
+@pytest.fixture(scope="module")
+def one_batch_torchserve(
+    model_store: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TorchServe]:
+    """The default archive on a TorchServe of its own: one worker, batch 4 and a 20 s batch
+    window, so four requests sent together always form one batch however loaded the
+    machine is (a full batch is dispatched at once; the window is only a ceiling)."""
+    from bench.e2e.servers import variant
+
+    config = BatchConfig(workers=1, batch_size=4, max_batch_delay_ms=20_000)
+    mar = variant(model_store / "shapes.mar", config)
+    run_dir = tmp_path_factory.mktemp("ts-one-batch")
+    with running_torchserve(model_store, {MODEL: mar.name}, run_dir, split_pools=False) as ts:
+        yield ts
+
+
 def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
-    watched: Logs, ts_stub: ts_grpc.InferenceAPIsServiceStub, samples
+    one_batch_torchserve: TorchServe, samples
 ) -> None:  # type: ignore[no-untyped-def]
     """Finding 12: an occlusion request with stride 0, batched with Sobol, got its answer
-    only when Sobol's batch finished. One worker is kept busy first, so the other takes
-    the next four requests as one batch (4 within its 20 ms window): a slow unary call, a
-    slow stream, the invalid request and a Predict. The last two must be answered while
-    the slow ones still work, and the stream still gets its parts and its end."""
+    only when Sobol's batch finished. Four requests form one batch (``one_batch_model``):
+    a slow unary call, a slow stream, the invalid request and a Predict. The last two must
+    be answered while the slow ones still work (they end at their 6 s deadline), the
+    stream still gets its parts and its end, and the worker survives."""
+    before = all_ready(one_batch_torchserve)
+    logs = Logs(one_batch_torchserve)
     image = samples[7][0]
     slow = explain_request(image, "sobol", top_k=3).SerializeToString()
     invalid = explain_request(image, "occlusion")
@@ -227,19 +246,13 @@ def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
 
     def call(name: str, request: ts_pb.PredictionsRequest) -> None:
         if name == "stream":
-            for reply in ts_stub.StreamPredictions(request, timeout=60):
+            for reply in batch_stub.StreamPredictions(request, timeout=60):
                 stream_parts.append(pb.ExplainStreamResponse.FromString(reply.prediction))
         else:
-            ts_stub.Predictions(request, timeout=60)
+            batch_stub.Predictions(request, timeout=60)
         finished.append(name)
 
     unary = {"stream": "false"}  # as the gateway says of a unary call
-    busy = threading.Thread(
-        target=call,
-        args=("busy", ts_input("request", slow, deadline_unix_ms=in_ms(8), **unary)),
-    )
-    busy.start()
-    time.sleep(1.0)  # the first worker is now in its Sobol
     threads = [
         threading.Thread(target=call, args=(name, request))
         for name, request in (
@@ -249,14 +262,20 @@ def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
             ("predict", ts_input("predict", predict, **unary)),
         )
     ]
-    for thread in threads:
-        thread.start()
-    for thread in [busy, *threads]:
-        thread.join()
+    with torchserve_channel(one_batch_torchserve) as channel:
+        batch_stub = ts_grpc.InferenceAPIsServiceStub(channel)
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     for quick in ("invalid", "predict"):
         assert finished.index(quick) < min(finished.index("slow"), finished.index("stream"))
     assert event_kind(stream_parts[0]) is EventKind.PREDICTION
     assert stream_parts[-1].summary.error.code == "DEADLINE_EXCEEDED"
+    time.sleep(0.5)  # the frontend logs a worker's death asynchronously
+    found = [line for line in logs.new().splitlines() if any(f in line for f in FATAL)]
+    assert not found, "\n".join(found[:10])
+    assert worker_pids(one_batch_torchserve) == before
 
 
 def test_the_http_json_path_still_gets_whole_replies(
