@@ -206,7 +206,13 @@ def run(setting: Setting, models: list[str], out: Path) -> list[str]:
         f"{', '.join(ort.get_available_providers())}); {setting.size} models at "
         f"{setting.side} px, batch {setting.batch}, median of {setting.repeats} after a "
         "warm-up. Forward-only methods: one image per call, their time counted per batch "
-        "of images so that every ratio reads against the same eager forward of the batch.",
+        "of images so that every ratio reads against the same eager forward of the batch."
+        + (
+            " A rehearsal checks that the script runs end to end; its figures are one run "
+            "on a shared CPU and say nothing about speed."
+            if rehearsal
+            else ""
+        ),
         "",
         "| model | what | images/s | time / eager forward |",
         "|---|---|---:|---:|",
