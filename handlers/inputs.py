@@ -30,11 +30,13 @@ def over_http(context: Any, index: int) -> bool:
 
 
 def parse(item: dict[str, Any]) -> tuple[str, Any]:
-    """``("explain", ExplainRequest)``, ``("predict", PredictRequest)`` or
-    ``("model_info", None)``; INVALID_ARGUMENT for bytes that are not the message."""
+    """``("explain", ExplainRequest)``, ``("predict", PredictRequest)``,
+    ``("visualize", VisualizeClassRequest)`` or ``("model_info", None)``; INVALID_ARGUMENT
+    for bytes that are not the message."""
     for key, kind, message in (
         ("request", "explain", pb.ExplainRequest),
         ("predict", "predict", pb.PredictRequest),
+        ("visualize", "visualize", pb.VisualizeClassRequest),
     ):
         if key in item:
             try:
@@ -48,8 +50,8 @@ def parse(item: dict[str, Any]) -> tuple[str, Any]:
     image = item.get("data", item.get("body"))
     if image is None:
         raise InvalidInputError(
-            "no input: send 'request' (ExplainRequest), 'predict', 'model_info' or 'data' "
-            "(image bytes)"
+            "no input: send 'request' (ExplainRequest), 'predict', 'visualize', 'model_info' "
+            "or 'data' (image bytes)"
         )
     return "explain", _json_request(item, _bytes(image))
 
@@ -75,12 +77,21 @@ def error_reply(item: dict[str, Any], exc: BaseException) -> Reply:
         return pb.PredictResponse(error=error).SerializeToString()
     if "model_info" in item:
         return pb.ModelInfo(error=error).SerializeToString()
+    if "visualize" in item:
+        return visualize_reply(item, pb.VisualizeClassResponse(error=error))
     if "request" in item:
         response = pb.ExplainResponse(error=error)
         if text(item.get("stream")) == "true":
             return stream_part(EventKind.DONE, response).SerializeToString()
         return response.SerializeToString()
     return json.dumps({"error": {"code": error.code, "message": error.message}})
+
+
+def visualize_reply(item: dict[str, Any], response: pb.VisualizeClassResponse) -> bytes:
+    """A ``VisualizeClass`` reply: the response, or a stream's last part holding it."""
+    if text(item.get("stream")) == "true":
+        return pb.VisualizeClassStreamResponse(result=response).SerializeToString()
+    return response.SerializeToString()
 
 
 def deadline(item: dict[str, Any]) -> float | None:

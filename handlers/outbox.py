@@ -128,13 +128,25 @@ class Outbox:
             position, slot.explanations = slot.explanations, slot.explanations + 1
         elif kind is EventKind.SCORES:
             position = part.scores.explanation_index
-        if slot.gone or not slot.stream or slot.frozen or not slot.writable(self.clock()):
-            slot.frozen = True
+        if not self._streams(slot):
             slot.shown.discard(position)  # type: ignore[arg-type]
             return
         self._send(index, part.SerializeToString())
         if kind is EventKind.EXPLANATION:
             slot.shown.add(position)  # type: ignore[arg-type]
+
+    def progress(self, index: int, payload: bytes) -> None:
+        """Send a part that the final reply need not repeat (a class visualisation's
+        progress) if it may go; else freeze the stream and drop it, as :meth:`part` does."""
+        if self._streams(self.slots[index]):
+            self._send(index, payload)
+
+    def _streams(self, slot: Slot) -> bool:
+        """Whether a part of ``slot`` may go now; freezes the stream when not."""
+        if slot.gone or not slot.stream or slot.frozen or not slot.writable(self.clock()):
+            slot.frozen = True
+            return False
+        return True
 
     def summary(self, index: int, response: pb.ExplainResponse) -> bytes:
         """A stream's last part: the response without the explanations parts showed."""

@@ -6,6 +6,9 @@ Inputs (one key per request; TorchServe gRPC ``input`` map or HTTP form fields):
                  ``ExplainStreamResponse`` parts, the prediction first)
     predict      serialized ``PredictRequest`` -> serialized ``PredictResponse``
     model_info   anything -> serialized ``ModelInfo``
+    visualize    serialized ``VisualizeClassRequest`` -> serialized ``VisualizeClassResponse``
+                 (with ``stream`` = "true": ``VisualizeClassStreamResponse`` parts, the
+                 progress first, the result last)
     data / body  image bytes -> JSON: predictions, base64 PNG maps and masks; optional keys
                  ``methods`` (comma-separated registry names), ``top_k``, ``mask``
     stream       "true" on ``StreamPredictions``; "false" says the call is unary, and lets
@@ -27,6 +30,7 @@ caller's deadline closes its call. Every explanation has a deadline: the caller'
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +50,7 @@ from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
 from service.serving.pipeline import Explainer, Job
+from service.serving.visualize import Visualizer
 
 __all__ = ["INTERNAL_MESSAGE", "SaliencyHandler"]
 logger = logging.getLogger(__name__)
@@ -86,6 +91,7 @@ class SaliencyHandler:
 
     def __init__(self) -> None:
         self.explainer: Explainer | None = None
+        self.visualizer: Visualizer | None = None
         self.cancels = CancelBoard()
         self.longest_work_s = longest_work_s({})
         self.initialized = False
@@ -107,7 +113,9 @@ class SaliencyHandler:
             intra_op_threads=threads,
             precision=worker_precision(model_config),
         )
-        self.explainer = Explainer(bundle, Limits.from_env())
+        limits = Limits.from_env()
+        self.explainer = Explainer(bundle, limits)
+        self.visualizer = Visualizer(bundle, limits)
         self.longest_work_s = longest_work_s(model_config)
         self.initialized = True
         logger.info(
@@ -129,6 +137,7 @@ class SaliencyHandler:
         replies: list[Reply | None] = [None] * len(data)
         explain: list[tuple[int, Job]] = []
         predicts: list[tuple[int, pb.PredictRequest]] = []
+        visuals: list[tuple[int, pb.VisualizeClassRequest]] = []
         for index, item in enumerate(data):
             try:
                 slots[index].deadline = inputs.deadline(item)
@@ -137,6 +146,8 @@ class SaliencyHandler:
                     replies[index] = self.explainer.model_info().SerializeToString()
                 elif kind == "predict":
                     predicts.append((index, message))
+                elif kind == "visualize":
+                    visuals.append((index, message))
                 else:
                     deadline = self._work_deadline(slots[index].deadline, start)
                     explain.append((index, Job(message, deadline, slots[index].cancelled)))
@@ -145,11 +156,18 @@ class SaliencyHandler:
         if predicts:
             self._predict(data, predicts, replies)
         if explain:  # slow work follows: what is ready goes now
-            for index, reply in enumerate(replies):
-                if reply is not None and outbox.early(index, reply):
-                    replies[index] = None
+            self._send_ready(replies, outbox)
             self._explain(data, explain, replies, outbox)
+        if visuals:
+            self._send_ready(replies, outbox)
+            self._visualize(data, visuals, replies, outbox, start)
         return outbox.final(replies)
+
+    @staticmethod
+    def _send_ready(replies: list[Reply | None], outbox: Outbox) -> None:
+        for index, reply in enumerate(replies):
+            if reply is not None and outbox.early(index, reply):
+                replies[index] = None
 
     def _slot(self, index: int, item: dict[str, Any], context: Any) -> Slot:
         request_id = inputs.text(item.get("request_id"))
@@ -209,6 +227,35 @@ class SaliencyHandler:
                 if replies[index] is None and not outbox.slots[index].gone:
                     replies[index] = inputs.error_reply(data[index], exc)
 
+    def _visualize(
+        self,
+        data: list[dict[str, Any]],
+        visuals: list[tuple[int, pb.VisualizeClassRequest]],
+        replies: list[Reply | None],
+        outbox: Outbox,
+        start: float,
+    ) -> None:
+        """One search after the other, each under its own deadline; progress to streams."""
+        assert self.visualizer is not None
+        for position, (index, request) in enumerate(visuals):
+            left = len(visuals) - position - 1
+            slot = outbox.slots[index]
+            progress = None
+            if slot.stream:
+                progress = functools.partial(_progress_part, outbox, index)
+            try:
+                response = self.visualizer.visualize(
+                    request,
+                    deadline=self._work_deadline(slot.deadline, start),
+                    cancelled=slot.cancelled,
+                    progress=progress,
+                )
+                reply: Reply = inputs.visualize_reply(data[index], response)
+            except Exception as exc:  # fails this request only
+                reply = inputs.error_reply(data[index], exc)
+            if not (left and outbox.early(index, reply)):
+                replies[index] = reply
+
     @staticmethod
     def _reply(
         item: dict[str, Any], outbox: Outbox, index: int, response: pb.ExplainResponse
@@ -218,6 +265,10 @@ class SaliencyHandler:
         if "request" in item:
             return response.SerializeToString()
         return json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True))
+
+
+def _progress_part(outbox: Outbox, index: int, progress: pb.VisualizeClassProgress) -> None:
+    outbox.progress(index, pb.VisualizeClassStreamResponse(progress=progress).SerializeToString())
 
 
 def _never() -> bool:

@@ -1,7 +1,9 @@
 """``saliency-serve archive``: a model becomes a TorchServe ``.mar`` (pt2 + onnx + model.json).
 
-A user's model and the default one take the same path: wrap in pixel space, export both
-forwards, refuse on a logits parity failure, write ``model.json``, pack with the handler.
+A user's model and the default one take the same path: stage its code, wrap it in pixel
+space, choose its CAM layer and read its attention (:mod:`service.archive_layers`), export
+both forwards, refuse on a logits parity failure, write ``model.json``, pack with the
+handler, the model's own files and its requirements.
 """
 
 from __future__ import annotations
@@ -9,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,17 @@ from typing import Any
 import torch
 
 import handlers
+from service.archive_code import (
+    ArchiveError,
+    checked_requirements,
+    load_net,
+    restored_path,
+    stage,
+)
+from service.archive_layers import Layers, choose_layers
+from service.engine.errors import InvalidInputError, UnsupportedMethodError
 from service.engine.modules import freeze
-from service.runtime.artifacts import META_FILE, ModelMeta, build_eager_net
+from service.runtime.artifacts import META_FILE, ModelMeta
 from service.runtime.wrap import Normalized
 
 HANDLER = Path(handlers.__file__).parent / "saliency_handler.py"
@@ -44,12 +54,15 @@ class BatchConfig:
     threads: int = 0  # torch and ONNX Runtime threads per worker; 0: CPU quota / workers
     precision: str = "float32"  # the torch methods' (Engine); bfloat16 / float16: autocast
 
-    def yaml(self) -> str:
+    def yaml(self, *, own_venv: bool = False) -> str:
+        """``model-config.yaml``; ``own_venv``: TorchServe gives the model a venv of its own
+        (inheriting the server's packages) and installs its requirements there."""
         return (
             f"minWorkers: {self.workers}\nmaxWorkers: {self.workers}\n"
             f"batchSize: {self.batch_size}\nmaxBatchDelay: {self.max_batch_delay_ms}\n"
             f"responseTimeout: {self.response_timeout_s}\n"
-            f"handler:\n  threads: {self.threads}\n  precision: {self.precision}\n"
+            + ("useVenv: true\n" if own_venv else "")
+            + f"handler:\n  threads: {self.threads}\n  precision: {self.precision}\n"
         )
 
 
@@ -65,8 +78,10 @@ def build_archive(
     target_layer: str | None,
     out_dir: Path,
     files: Sequence[Path] = (),
+    requirements: Path | None = None,
     batch: BatchConfig | None = None,
     atol: float = 1e-4,
+    say: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``out_dir/<name>.mar``; returns its path.
 
@@ -74,18 +89,28 @@ def build_archive(
         name: model name clients use.
         eager: ``{"module", "class", "kwargs", "weights"}`` of the un-normalised network
             (``module`` is an importable name or a ``.py`` file among ``files``), or None.
-        exported: a ``torch.export`` program of the un-normalised network (no CAM methods).
+        exported: a ``torch.export`` program of the un-normalised network (no CAM or
+            attention methods: its layers cannot be hooked).
         labels: class names, index order.
         input_size: ``(C, H, W)``.
         mean, std: the normalisation the network expects, in ``[0, 1]`` pixel units.
-        target_layer: CAM layer name inside the pixel-space wrapper (``model.<name>``).
+        target_layer: the CAM layer, as named in the network (``layer4``) or inside the
+            pixel-space wrapper (``model.layer4``); ``None`` finds it
+            (:func:`service.archive_layers.choose_layers`); ``archive`` refuses a given
+            layer that cannot be one.
         out_dir: where the ``.mar`` goes.
-        files: files the eager spec refers to (model file, weights).
+        files: the model file, its weights, and any other file or package folder it
+            imports; each lands in the model's folder (a folder keeps its name, so
+            ``from mypkg import layers`` works there).
+        requirements: pip requirements TorchServe installs for this model alone
+            (:mod:`service.model_requirements` says what is refused, and why).
         batch: TorchServe batching and workers.
         atol: logits parity bound between torch, ``.pt2`` and ``.onnx``.
+        say: called with each line worth showing the user (which CAM layer, and why).
 
     Raises:
         ParityError: the exported forwards disagree by more than ``atol``.
+        ArchiveError: see the class.
     """
     from service.runtime.export import export_artifacts  # heavy (onnx exporter): lazily
 
@@ -93,21 +118,17 @@ def build_archive(
         raise ValueError("give exactly one of an eager module spec or an exported program")
     if len(mean) != input_size[0] or len(std) != input_size[0]:
         raise ValueError(f"mean and std need {input_size[0]} values each")
-    if eager is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            for file in files:
-                shutil.copy(file, tmp)
-            net = build_eager_net(eager, Path(tmp))
-    else:
-        assert exported is not None
-        net = torch.export.load(exported).module()
-        target_layer = None
-    module = freeze(Normalized(net, mean, std))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        staging = Path(tmp)
+    required = checked_requirements(requirements)
+    with tempfile.TemporaryDirectory() as tmp, restored_path():
+        staging = Path(tmp) / "model"
+        stage(files, staging)
+        net = load_net(eager, exported, staging, requirements, Path(tmp) / "deps", say or _quiet)
+        module = freeze(Normalized(net, mean, std))
+        layers = _layers(module, input_size, target_layer, hookable=eager is not None)
+        for line in layers.lines():
+            (say or _quiet)(line)
         export_artifacts(module, input_size, staging, atol=atol)
-        version = _version(staging / "model.onnx", labels)
+        version = _version(staging / "model.onnx", labels, required)
         meta = ModelMeta(
             name=name,
             version=version,
@@ -115,19 +136,53 @@ def build_archive(
             input_size=input_size,
             mean=tuple(mean),
             std=tuple(std),
-            target_layer=target_layer,
+            target_layer=layers.cam_layer.name if layers.cam_layer else None,
             eager=eager,
+            cam_layer=layers.cam_layer,
+            attention=layers.attention,
+            unavailable=layers.unavailable,
         )
         (staging / META_FILE).write_text(json.dumps(meta.to_json(), indent=2))
-        for file in files:
-            shutil.copy(file, staging / file.name)
-        (staging / "model-config.yaml").write_text((batch or BatchConfig()).yaml())
-        extra = [p for p in sorted(staging.iterdir()) if p.name != "model-config.yaml"]
-        _pack(name, version, staging, extra, out_dir)
+        config = Path(tmp) / "model-config.yaml"
+        config.write_text((batch or BatchConfig()).yaml(own_venv=bool(required)))
+        requirements_file = None
+        if required:
+            requirements_file = Path(tmp) / "requirements.txt"
+            requirements_file.write_text("\n".join(required) + "\n")
+            (say or _quiet)(
+                f"requirements: {', '.join(required)}: TorchServe installs them in this "
+                "model's own venv when its worker starts; the server's packages are pinned"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _pack(name, version, staging, config, requirements_file, out_dir)
     return out_dir / f"{name}.mar"
 
 
-def _pack(name: str, version: str, staging: Path, extra: list[Path], out_dir: Path) -> None:
+def _quiet(_line: str) -> None:
+    return None
+
+
+def _layers(
+    module: torch.nn.Module,
+    input_size: tuple[int, int, int],
+    target_layer: str | None,
+    *,
+    hookable: bool,
+) -> Layers:
+    try:
+        return choose_layers(module, input_size, target_layer, hookable=hookable)
+    except (InvalidInputError, UnsupportedMethodError) as error:
+        raise ArchiveError(f"--target-layer {target_layer}: {error}") from None
+
+
+def _pack(
+    name: str,
+    version: str,
+    staging: Path,
+    config: Path,
+    requirements: Path | None,
+    out_dir: Path,
+) -> None:
     command = [
         str(Path(sys.executable).parent / "torch-model-archiver"),
         "--model-name",
@@ -136,14 +191,17 @@ def _pack(name: str, version: str, staging: Path, extra: list[Path], out_dir: Pa
         version,
         "--handler",
         str(HANDLER),
+        # One folder: the archiver copies its files and subfolders into the model's root.
         "--extra-files",
-        ",".join(str(p) for p in extra),
+        str(staging),
         "--config-file",
-        str(staging / "model-config.yaml"),
+        str(config),
         "--export-path",
         str(out_dir),
         "--force",
     ]
+    if requirements is not None:
+        command += ["--requirements-file", str(requirements)]
     # The archiver stages files in $TMPDIR/<model name> and deletes that folder afterwards:
     # give it a private TMPDIR so it can never touch another build's (or anyone's) files.
     with tempfile.TemporaryDirectory() as private_tmp:
@@ -153,9 +211,10 @@ def _pack(name: str, version: str, staging: Path, extra: list[Path], out_dir: Pa
         raise RuntimeError(f"torch-model-archiver failed: {result.stderr.strip()}")
 
 
-def _version(onnx_path: Path, labels: Sequence[str]) -> str:
+def _version(onnx_path: Path, labels: Sequence[str], requirements: Sequence[str]) -> str:
     digest = hashlib.sha256(onnx_path.read_bytes())
     digest.update("\n".join(labels).encode())
+    digest.update("\n".join(requirements).encode())
     return digest.hexdigest()[:12]
 
 

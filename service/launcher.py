@@ -30,10 +30,12 @@ import yaml
 
 from service.gateway.admission import PoolSize
 from service.gateway.upstream import predict_pool
+from service.model_requirements import write_server_constraints
 from service.ts_config import TorchServePorts, write_config, write_log_config
 
 __all__ = ["TorchServe", "TorchServePorts", "archive_pool"]
 KEY_FILE = "key_file.json"
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # holds service/ and handlers/
 
 
 def archive_pool(mar: Path) -> PoolSize:
@@ -128,6 +130,13 @@ class TorchServe:
             "METRICS_LOCATION": str(log_dir),
             "TMPDIR": str(private_tmp),
             "TEMP": str(private_tmp),
+            "PIP_CONSTRAINT": str(write_server_constraints(self.run_dir / "constraints.txt")),
+            # A model with requirements runs in a venv of its own (useVenv), which inherits
+            # the server's site-packages as plain path entries: their .pth files are not
+            # read there, so an editable install of this project would not import.
+            "PYTHONPATH": os.pathsep.join(
+                p for p in (str(SOURCE_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
         }
         # The worker alternates torch (gradients) and ONNX Runtime (forwards) on the same
         # cores, beside the frontend and the gateway: libgomp's default spin-wait after a

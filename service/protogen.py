@@ -1,8 +1,8 @@
 """Regenerate the wire code: `python -m service.protogen [--check]` (what `make protos` runs).
 
 Two steps, both deterministic:
-1. render the ``Method``, ``MaskKind`` and ``Score`` enums of
-   ``protos/saliency/v1/saliency.proto`` from the engine's three registries, keeping every
+1. render the ``Method``, ``MaskKind``, ``Score`` and ``Visualization`` enums of
+   ``protos/saliency/v1/saliency.proto`` from the engine's four registries, keeping every
    number ever given (removed names become ``reserved``), each value commented with its
    member's description;
 2. compile that file and TorchServe's own ``inference.proto`` (read from the installed
@@ -24,7 +24,7 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from service.protocol.families import MASK, METHOD, SCORE, Family
+from service.protocol.families import MASK, METHOD, SCORE, VISUALIZATION, Family
 
 REPO = Path(__file__).resolve().parent.parent
 PROTO = REPO / "protos" / "saliency" / "v1" / "saliency.proto"
@@ -81,7 +81,7 @@ def render_enum(proto_text: str, family: Family, members: Sequence[tuple[str, st
 
 
 def render_enums(proto_text: str) -> str:
-    """The proto text with the three registry-driven enums rendered."""
+    """The proto text with the four registry-driven enums rendered."""
     from service.engine.registry import MASKS, METHODS, SCORES
 
     proto_text = render_enum(
@@ -92,7 +92,11 @@ def render_enums(proto_text: str) -> str:
         (s.name, f"{s.description}; {'higher' if s.higher_is_better else 'lower'} is better")
         for s in SCORES.members()
     ]
-    return render_enum(proto_text, SCORE, scores)
+    proto_text = render_enum(proto_text, SCORE, scores)
+    from service.engine.visualize import VISUALIZERS
+
+    visualizers = [(v.name, v.description) for v in VISUALIZERS.members()]
+    return render_enum(proto_text, VISUALIZATION, visualizers)
 
 
 def _torchserve_proto(dest: Path) -> Path:

@@ -67,7 +67,10 @@ def write_config(
         "metrics_mode": "prometheus",
         "token_expiration_min": TOKEN_LIFETIME_MIN,
         "job_queue_size": JOB_QUEUE_SIZE,
-        "install_py_dep_per_model": "false",
+        # An archive's requirements.txt (`archive --requirements`) is installed when its
+        # worker starts, in the model's own venv; pip is held to the server's packages by
+        # PIP_CONSTRAINT (see TorchServe.start and service.model_requirements).
+        "install_py_dep_per_model": "true",
         "max_request_size": MAX_MESSAGE_BYTES,
         "max_response_size": MAX_MESSAGE_BYTES,
         "default_response_timeout": 120,

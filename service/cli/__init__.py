@@ -1,4 +1,4 @@
-"""``saliency-serve``: explain and methods (client), serve, gateway, torchserve, archive, bench.
+"""``saliency-serve``: explain, visualize, methods; serve, gateway, torchserve, archive, bench.
 
 The parser imports nothing heavy: the client commands need the base install only, and
 the server commands import torch, TorchServe and the gateway when they run (and say what
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from service.cli import client_commands, server_commands
+from service.cli import archive_command, client_commands, server_commands, visualize_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,7 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     server_commands.add_parsers(sub)
+    archive_command.add_parser(sub)
     client_commands.add_parsers(sub)
+    visualize_command.add_parsers(sub)
     return parser
 
 

@@ -83,7 +83,7 @@ def connect(args: argparse.Namespace) -> Any:
     )
 
 
-def _assignments(items: list[str], what: str) -> list[tuple[str, str]]:
+def assignments(items: list[str], what: str) -> list[tuple[str, str]]:
     pairs = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -96,7 +96,7 @@ def _assignments(items: list[str], what: str) -> list[tuple[str, str]]:
 def method_calls(methods: list[str], params: list[str]) -> list[tuple[str, dict[str, str]]]:
     """``--method`` and ``--param method.name=value`` as the client's method arguments."""
     calls: dict[str, dict[str, str]] = {name: {} for name in methods}
-    for key, value in _assignments(params, "--param"):
+    for key, value in assignments(params, "--param"):
         method, _, name = key.partition(".")
         if method not in calls or not name:
             raise InvalidInputError(
@@ -114,7 +114,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         with Image.open(args.image) as opened:
             image = np.asarray(opened.convert("RGB"))
         methods = method_calls(args.method or [DEFAULT_METHOD], args.param)
-        mask_params = dict(_assignments(args.mask_param, "--mask-param"))
+        mask_params = dict(assignments(args.mask_param, "--mask-param"))
         client = connect(args)
     except (OSError, ValueError, InvalidInputError) as exc:
         print(f"explain: {exc}", file=sys.stderr)

@@ -66,47 +66,6 @@ def _size(text: str) -> tuple[int, int, int]:
     return values[0], values[1], values[2]
 
 
-@needs(SERVER_MODULES)
-def cmd_archive(args: argparse.Namespace) -> int:
-    from service.archive import build_archive
-    from service.runtime.export import ParityError
-
-    try:
-        if args.default:
-            path = _ensure_default_archive(args.out)
-        else:
-            if not (args.labels and args.input_size and args.name):
-                print("archive: --name, --labels and --input-size are required", file=sys.stderr)
-                return 2
-            eager = None
-            files = []
-            if args.model_file:
-                files = [args.model_file, *([args.weights] if args.weights else [])]
-                eager = {
-                    "module": args.model_file.name,
-                    "class": args.model_class,
-                    "kwargs": json.loads(args.model_kwargs),
-                    "weights": args.weights.name if args.weights else None,
-                }
-            path = build_archive(
-                name=args.name,
-                eager=eager,
-                exported=args.exported,
-                labels=args.labels.read_text().split(),
-                input_size=args.input_size,
-                mean=args.mean,
-                std=args.std,
-                target_layer=args.target_layer,
-                out_dir=args.out,
-                files=files,
-            )
-    except ParityError as exc:
-        print(f"archive refused: {exc}", file=sys.stderr)
-        return 3
-    print(path)
-    return 0
-
-
 def _ensure_default_archive(store: Path) -> Path:
     """The default archive, rebuilt when the trained default model changed since."""
     from service.archive import DEFAULT_NAME, build_default_archive
@@ -270,22 +229,6 @@ def add_parsers(sub: Any) -> None:
     torchserve.add_argument("--run-dir", default=".cache/run")
     torchserve.add_argument("--foreground", action="store_true", help="(always)")
     torchserve.set_defaults(func=cmd_torchserve)
-
-    archive = sub.add_parser("archive", help="a model -> .mar (pt2 + onnx + model.json)")
-    archive.add_argument("--default", action="store_true", help="the built-in shapes model")
-    archive.add_argument("--out", type=Path, default=DEFAULT_STORE)
-    archive.add_argument("--name")
-    archive.add_argument("--model-file", type=Path, help="python file defining the network")
-    archive.add_argument("--model-class", default="Net")
-    archive.add_argument("--model-kwargs", default="{}", help="JSON constructor arguments")
-    archive.add_argument("--weights", type=Path, help="state_dict saved with torch.save")
-    archive.add_argument("--exported", type=Path, help="torch.export .pt2 (no CAM methods)")
-    archive.add_argument("--labels", type=Path, help="one label per line")
-    archive.add_argument("--input-size", type=_size)
-    archive.add_argument("--mean", type=_csv_floats, default=[0.485, 0.456, 0.406])
-    archive.add_argument("--std", type=_csv_floats, default=[0.229, 0.224, 0.225])
-    archive.add_argument("--target-layer", default=None)
-    archive.set_defaults(func=cmd_archive)
 
     bench = sub.add_parser("bench", help="run a benchmark suite (see bench/)")
     bench.add_argument("suite", nargs="?", default="run")

@@ -15,13 +15,14 @@ token="...")`` (add ``client_cert`` and ``client_key`` for mutual TLS).
 """
 
 from service.client.aio import AsyncSaliencyClient
-from service.client.decode import decode_map, decode_mask
+from service.client.decode import decode_map, decode_mask, decode_rgb
 from service.client.messages import (
     MethodArg,
     domain_error,
     explain_request,
     predict_request,
     tls_credentials,
+    visualize_request,
 )
 from service.client.overlay import draw_box, overlay
 from service.client.sync import SaliencyClient
@@ -32,10 +33,12 @@ __all__ = [
     "SaliencyClient",
     "decode_map",
     "decode_mask",
+    "decode_rgb",
     "domain_error",
     "draw_box",
     "explain_request",
     "overlay",
     "predict_request",
     "tls_credentials",
+    "visualize_request",
 ]

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 from typing import Any
 
 import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
+from service.client.messages import (
+    ClientBase,
+    ImageArg,
+    explain_request,
+    predict_request,
+    visualize_request,
+)
 from service.protocol.request import DEFAULT_PREDICT_TOP_K
 
 
@@ -38,21 +44,17 @@ class AsyncSaliencyClient(ClientBase):
             explain_request(image, **options), timeout=timeout, metadata=self.metadata
         )
 
-    async def explain_stream(
+    def explain_stream(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
     ) -> AsyncIterator[pb.ExplainStreamResponse]:
         """The prediction first, then each explanation and its scores as they complete.
 
         Leaving the loop early cancels the call, which stops the work it started.
         """
-        call = self.stub.ExplainStream(
-            explain_request(image, **options), timeout=timeout, metadata=self.metadata
+        request = explain_request(image, **options)
+        return _cancelling(
+            lambda: self.stub.ExplainStream(request, timeout=timeout, metadata=self.metadata)
         )
-        try:
-            async for part in call:
-                yield part
-        finally:
-            call.cancel()
 
     async def predict(
         self,
@@ -70,3 +72,32 @@ class AsyncSaliencyClient(ClientBase):
         """Labels, input size, and every method, mask and score with its parameters."""
         request = pb.GetModelInfoRequest(model=model)
         return await self.stub.GetModelInfo(request, timeout=timeout, metadata=self.metadata)
+
+    async def visualize_class(
+        self, target: int, *, timeout: float | None = 60.0, **options: Any
+    ) -> pb.VisualizeClassResponse:
+        """The image that maximises class ``target``'s score (options:
+        :func:`~service.client.messages.visualize_request`)."""
+        request = visualize_request(target, **options)
+        return await self.stub.VisualizeClass(request, timeout=timeout, metadata=self.metadata)
+
+    def visualize_class_stream(
+        self, target: int, *, timeout: float | None = 60.0, **options: Any
+    ) -> AsyncIterator[pb.VisualizeClassStreamResponse]:
+        """Progress as the search goes, the result last; leaving the loop early cancels
+        the call, which stops the search."""
+        request = visualize_request(target, **options)
+        return _cancelling(
+            lambda: self.stub.VisualizeClassStream(request, timeout=timeout, metadata=self.metadata)
+        )
+
+
+async def _cancelling(start: Callable[[], Any]) -> AsyncIterator[Any]:
+    """The messages of the streaming call ``start`` makes once iterated; the call is
+    cancelled when the reader stops early."""
+    call = start()
+    try:
+        async for part in call:
+            yield part
+    finally:
+        call.cancel()

@@ -33,3 +33,9 @@ def decode_mask(mask: pb.Mask) -> np.ndarray:
     if not mask.png:
         return np.zeros((0, 0), dtype=bool)
     return _png(mask.png, (mask.height, mask.width)) > 127
+
+
+def decode_rgb(png: bytes) -> np.ndarray:
+    """uint8 ``(H, W, 3)`` RGB pixels of a PNG (a class visualisation's image)."""
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"))

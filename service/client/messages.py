@@ -15,9 +15,11 @@ import numpy as np
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.protocol.errors import EngineError, error_from_code
-from service.protocol.families import DEFAULT_MASK, DEFAULT_METHOD
+from service.protocol.errors import EngineError, InvalidInputError, error_from_code
+from service.protocol.families import DEFAULT_MASK, DEFAULT_METHOD, DEFAULT_VISUALIZATION
 from service.protocol.limits import MAX_MESSAGE_BYTES
+from service.protocol.names import VISUALIZATIONS
+from service.protocol.params import format_value
 from service.protocol.request import (
     DEFAULT_PREDICT_TOP_K,
     ExplainQuery,
@@ -83,6 +85,29 @@ def predict_request(
     image: ImageArg, *, top_k: int = DEFAULT_PREDICT_TOP_K, model: str = ""
 ) -> pb.PredictRequest:
     return PredictQuery(image_message(image), model, top_k).to_pb()
+
+
+def visualize_request(
+    target: int,
+    *,
+    method: str = DEFAULT_VISUALIZATION,
+    params: Mapping[str, object] | None = None,
+    seed: int = 0,
+    image_every: int = 0,
+    model: str = "",
+) -> pb.VisualizeClassRequest:
+    """A ``VisualizeClassRequest``; an unknown method name raises ``InvalidInputError``
+    listing the known ones, before anything is sent."""
+    if target < 0:
+        raise InvalidInputError(f"target must be a class index >= 0, got {target}")
+    return pb.VisualizeClassRequest(
+        model=model,
+        target=target,
+        method=VISUALIZATIONS.number(method),  # type: ignore[arg-type]
+        params={name: format_value(value) for name, value in (params or {}).items()},  # type: ignore[arg-type]
+        seed=seed,
+        image_every=image_every,
+    )
 
 
 def domain_error(exc: grpc.RpcError) -> EngineError:

@@ -9,7 +9,13 @@ from typing import Any
 import grpc
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.client.messages import ClientBase, ImageArg, explain_request, predict_request
+from service.client.messages import (
+    ClientBase,
+    ImageArg,
+    explain_request,
+    predict_request,
+    visualize_request,
+)
 from service.protocol.request import DEFAULT_PREDICT_TOP_K
 
 
@@ -64,4 +70,22 @@ class SaliencyClient(ClientBase):
         """Labels, input size, and every method, mask and score with its parameters."""
         return self.stub.GetModelInfo(
             pb.GetModelInfoRequest(model=model), timeout=timeout, metadata=self.metadata
+        )
+
+    def visualize_class(
+        self, target: int, *, timeout: float | None = 60.0, **options: Any
+    ) -> pb.VisualizeClassResponse:
+        """The image that maximises class ``target``'s score (options:
+        :func:`~service.client.messages.visualize_request`)."""
+        return self.stub.VisualizeClass(
+            visualize_request(target, **options), timeout=timeout, metadata=self.metadata
+        )
+
+    def visualize_class_stream(
+        self, target: int, *, timeout: float | None = 60.0, **options: Any
+    ) -> Iterator[pb.VisualizeClassStreamResponse]:
+        """Progress as the search goes (the image every ``image_every`` steps), the result
+        last."""
+        return self.stub.VisualizeClassStream(
+            visualize_request(target, **options), timeout=timeout, metadata=self.metadata
         )

@@ -15,6 +15,7 @@ import torch
 from service.engine.errors import UnsupportedMethodError
 
 LayerKind = Literal["spatial", "tokens"]
+Chosen = Literal["found", "given"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class CamLayer:
         how: one line saying what was chosen and why, for ``archive`` to print and record.
         same_output: other modules that return the very same tensor (enclosing blocks,
             identities after it): equivalent names a user may give instead.
+        chosen: ``"found"`` by :func:`service.engine.layer_finder.find_cam_layer`, or
+            ``"given"`` by the user and checked by
+            :func:`service.engine.layer_finder.describe_layer`.
     """
 
     name: str
@@ -44,6 +48,18 @@ class CamLayer:
     batch_first: bool = True
     how: str = ""
     same_output: tuple[str, ...] = ()
+    chosen: Chosen = "found"
+
+    def summary(self, prefix: str = "") -> str:
+        """``"blocks.11 (tokens 14x14, 1 class/register token dropped)"``: name and shape,
+        the name without ``prefix`` (the pixel-space wrapper's ``"model."``)."""
+        name = self.name.removeprefix(prefix)
+        height, width = self.grid
+        if self.kind == "spatial":
+            return f"{name} (spatial map {self.channels}x{height}x{width})"
+        plural = "" if self.prefix_tokens == 1 else "s"
+        dropped = f"{self.prefix_tokens} class/register token{plural} dropped"
+        return f"{name} (tokens {height}x{width}, {dropped})"
 
     def to_map(self, activations: torch.Tensor) -> torch.Tensor:
         """The layer's output as an ``(N, C, h, w)`` map (tokens reshaped, maps unchanged)."""
@@ -64,14 +80,17 @@ class CamLayer:
             "batch_first": self.batch_first,
             "how": self.how,
             "same_output": list(self.same_output),
+            "chosen": self.chosen,
         }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> CamLayer:
         height, width = (int(v) for v in raw["grid"])
-        kind = raw["kind"]
+        kind, chosen = raw["kind"], raw.get("chosen", "found")
         if kind not in ("spatial", "tokens"):
             raise ValueError(f"CAM layer kind must be 'spatial' or 'tokens', got {kind!r}")
+        if chosen not in ("found", "given"):
+            raise ValueError(f"CAM layer 'chosen' must be 'found' or 'given', got {chosen!r}")
         return cls(
             name=str(raw["name"]),
             kind=kind,
@@ -81,6 +100,7 @@ class CamLayer:
             batch_first=bool(raw.get("batch_first", True)),
             how=str(raw.get("how", "")),
             same_output=tuple(raw.get("same_output", ())),
+            chosen=chosen,
         )
 
 

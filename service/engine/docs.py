@@ -1,4 +1,4 @@
-"""``docs/methods.md``, rendered from the three registries and the modules' own docstrings.
+"""``docs/methods.md``, rendered from the four registries and the modules' own docstrings.
 
 ``python -m service.engine.docs`` prints the page; ``--write`` updates the file. A test
 fails when the committed page differs: every fact on it (names, parameters, defaults,
@@ -15,13 +15,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from service.engine.registry import MASKS, METHODS, SCORES, Member, MethodSpec, ScoreSpec
+from service.engine.visualize import VISUALIZERS, VisualizerSpec
 from service.protocol.cost import MIB
 from service.protocol.limits import Limits
 from service.protocol.params import Param, format_value
 
 DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
 
-HEADER = """# Explanation methods, masks and scores
+HEADER = """# Explanation methods, masks, scores and class visualisation
 
 Generated from the registries (`service/engine/registry.py`) and the docstrings of the
 modules that implement them, by `python -m service.engine.docs --write`; do not edit by
@@ -29,11 +30,31 @@ hand.
 
 Every method takes a batch of float32 images `(B, C, H, W)` in `[0, 1]` and one target class
 per image (default: the predicted class, never class 0), and returns float32 maps `(B, H, W)`
-at input resolution. `torch` methods need a differentiable model and only ever take
-gradients with respect to the input (or, for CAM, the target layer's activations); `onnx`
-methods run forward passes only. Parameters are set per request (`MethodRequest.params`,
+at input resolution. `torch` methods run on the model itself (eager or `torch.export`):
+gradients with respect to the input (or, for CAM, the CAM layer's activations; for the
+attention methods, the attention probabilities), or a forward that reads its attention;
+`onnx` methods run forward passes only. CAM methods read the CAM layer `archive` found or
+was given: a spatial map, or a ViT's patch tokens reshaped to their grid (class and
+register tokens dropped); attention methods need self-attention layers, recorded at the
+same time. `GetModelInfo` marks what a model cannot run `available: false`, with the
+reason. Parameters are set per request (`MethodRequest.params`,
 `MaskOptions.params`) as strings, parsed to their type and checked against their bounds.
 """
+
+
+VISUALIZE_TEXT = """\
+`VisualizeClass` (and `VisualizeClassStream`, with progress) returns, for a class, the
+image that maximises its pre-softmax score, as an 8-bit RGB PNG at the model's input size,
+with the model's logit and probability of the class on that PNG.
+`VisualizeClassRequest.method` unset means `maco`. Seeded: the same request on the same
+worker gives the same image (workers whose forwards round differently, e.g. with layouts
+chosen at load, can give another image of the class: Adam amplifies tiny gradient
+differences); a result is cached in the worker (a bounded LRU,
+`service/serving/visualize.py`) under (model version, class, method, parameters, seed),
+and a cached answer says `cached: true`. The search checks the deadline and cancellation
+after every iteration. The default model gives its MACO image of every class p >= 0.999
+(seeds 0-2), and makes the class its top one on 9 of its 10 gradient-ascent images, 8 with
+p >= 0.9 (`bench/results/class_visualisation.md`)."""
 
 
 def _cell(text: str) -> str:
@@ -48,7 +69,9 @@ def _rst_to_markdown(text: str) -> str:
 def _needs(spec: Member) -> str:
     needs = ["gradients" if getattr(spec, "needs_gradients", False) else "forward only"]
     if getattr(spec, "needs_layer", False):
-        needs.append("target layer")
+        needs.append("CAM layer")
+    if getattr(spec, "needs_attention", False):
+        needs.append("attention layers")
     return ", ".join(needs)
 
 
@@ -97,12 +120,13 @@ def _conventions(members: Iterable[Member]) -> list[str]:
 COST_SHAPE = (3, 224, 224)
 
 
-def _costs(members: Iterable[MethodSpec | ScoreSpec]) -> list[str]:
+def _costs(members: Iterable[MethodSpec | ScoreSpec | VisualizerSpec]) -> list[str]:
     """Each member's cost with its defaults on a 224 px input, and how it is counted."""
     limits = Limits()
     shape = "x".join(map(str, COST_SHAPE))
     lines = [
-        f"What one explanation (a method, per target) or one score (per map) costs with its "
+        f"What one explanation (a method, per target), one score (per map) or one class "
+        f"visualisation costs with its "
         f"defaults on a {shape} input, as the pipeline counts it before any work. A request's "
         f"sum must fit the per-request budget: {limits.max_forwards:,} forwards, "
         f"{limits.max_backward_rows:,} gradient rows and {limits.max_memory_bytes // MIB} MiB "
@@ -143,9 +167,16 @@ def render() -> str:
         for s in scores
     ]
     lines += ["", "### Score parameters", "", *_params_table(scores, "score"), ""]
-    lines += ["## Costs", "", *_costs([*methods, *scores]), ""]
+    visualizers = VISUALIZERS.members()
+    lines += ["## Class visualisation", "", VISUALIZE_TEXT, "", "| method | description |"]
+    lines += [
+        "|---|---|",
+        *(f"| `{v.name}` | {_cell(v.description)}{_paper(v)} |" for v in visualizers),
+    ]
+    lines += ["", "### Visualisation parameters", "", *_params_table(visualizers, "method"), ""]
+    lines += ["## Costs", "", *_costs([*methods, *scores, *visualizers]), ""]
     lines += ["## Conventions", "", "From the docstring of each module that implements them.", ""]
-    lines += _conventions([*methods, *masks, *scores])
+    lines += _conventions([*methods, *masks, *scores, *visualizers])
     return HEADER + "\n" + "\n".join(lines).rstrip() + "\n"
 
 

@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from service.engine.layers import find_last_spatial_layer, resolve_layer
+from service.engine.attention_info import AttentionInfo, find_attention
+from service.engine.cam_layer import CamLayer
+from service.engine.layer_finder import describe_layer, find_cam_layer
+from service.engine.layers import resolve_layer
 from service.engine.modules import device_and_dtype, freeze
 from service.engine.registry import MethodSpec, ResolvedParams, get_method
 from service.engine.targets import TargetSpec, resolve_targets
@@ -37,8 +40,16 @@ class Engine:
     Args:
         model: classifier in pixel space (``(N, C, H, W)`` in ``[0, 1]`` -> ``(N, K)``
             logits). The engine puts it in eval mode and freezes its parameters.
-        target_layer: dotted name of the layer CAM methods use, ``"auto"`` for the last
-            layer with a spatial output, or ``None`` (CAM methods are then unsupported).
+        target_layer: the layer CAM methods use: a :class:`CamLayer` (as ``model.json``
+            records it), a dotted name (checked by :func:`describe_layer`), ``"auto"`` to
+            find it (:func:`find_cam_layer`), or ``None``. CAM methods are unavailable
+            without one, or when the name or the model does not give one: the reason is
+            :meth:`unavailable_reason`'s answer.
+        attention: the model's self-attention for the transformer-native methods: an
+            :class:`AttentionInfo` (as ``model.json`` records it), ``"auto"`` to find it
+            (:func:`find_attention`), or ``None`` (those methods are unavailable).
+        unavailable: why there is no CAM layer (``"layer"``) or attention
+            (``"attention"``) when they are ``None``, as ``archive`` recorded it.
         input_shape: ``(C, H, W)`` every input must have.
         forward_numpy: fast forward (e.g. ONNX Runtime) for predictions and forward-only
             methods. Without it :meth:`predict_logits` uses the torch model and methods
@@ -56,7 +67,9 @@ class Engine:
         self,
         model: nn.Module,
         *,
-        target_layer: str | None = None,
+        target_layer: str | CamLayer | None = None,
+        attention: str | AttentionInfo | None = None,
+        unavailable: Mapping[str, str] | None = None,
         input_shape: tuple[int, int, int],
         forward_numpy: NumpyForward | None = None,
         chunk_size: int | None = None,
@@ -76,11 +89,50 @@ class Engine:
         self.forward_numpy = forward_numpy
         self.device, _ = device_and_dtype(model)
         self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
-        if target_layer == AUTO_LAYER:
-            target_layer = find_last_spatial_layer(self.model, input_shape)
-        self.target_layer_name = target_layer
-        self.target_layer = resolve_layer(self.model, target_layer) if target_layer else None
+        self.unavailable = dict(unavailable or {})  # "layer" / "attention" -> why not
+        self.cam_layer = self._cam_layer(target_layer)
+        self.target_layer_name = self.cam_layer.name if self.cam_layer else None
+        self.target_layer = (
+            resolve_layer(self.model, self.cam_layer.name) if self.cam_layer else None
+        )
+        self.attention = self._attention(attention)
         self.num_classes = int(self.predict_logits(torch.zeros((1, *self.input_shape))).shape[1])
+
+    def _cam_layer(self, given: str | CamLayer | None) -> CamLayer | None:
+        if isinstance(given, CamLayer):
+            return given
+        if not given:
+            self.unavailable.setdefault("layer", "this model has no CAM layer")
+            return None
+        try:
+            if given == AUTO_LAYER:
+                return find_cam_layer(self.model, self.input_shape)
+            return describe_layer(self.model, given, self.input_shape)
+        except UnsupportedMethodError as error:
+            self.unavailable["layer"] = str(error)
+            return None
+
+    def _attention(self, given: str | AttentionInfo | None) -> AttentionInfo | None:
+        if isinstance(given, AttentionInfo):
+            return given
+        if given != AUTO_LAYER:
+            self.unavailable.setdefault("attention", "this model has no attention layers recorded")
+            return None
+        try:
+            return find_attention(self.model, self.input_shape, self.cam_layer)
+        except UnsupportedMethodError as error:
+            self.unavailable["attention"] = str(error)
+            return None
+
+    def unavailable_reason(self, spec: MethodSpec) -> str | None:
+        """Why this engine cannot run ``spec``, or ``None`` when it can."""
+        if spec.needs_layer and self.cam_layer is None:
+            return self.unavailable["layer"]
+        if spec.needs_attention and self.attention is None:
+            return self.unavailable["attention"]
+        if spec.backend == "onnx" and self.forward_numpy is None:
+            return "it needs a forward-only (ONNX) model, which this host has not loaded"
+        return None
 
     def predict_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, K)`` float32 on the CPU, from ``forward_numpy`` when given, else torch."""
@@ -114,10 +166,9 @@ class Engine:
     def check_method(self, method: str) -> MethodSpec:
         """The method's spec if this engine can run it, else ``Unknown/UnsupportedMethodError``."""
         spec = get_method(method)
-        if spec.needs_layer and self.target_layer is None:
-            raise UnsupportedMethodError(f"{method!r} needs a target layer; this model has none")
-        if spec.backend == "onnx" and self.forward_numpy is None:
-            raise UnsupportedMethodError(f"{method!r} needs a forward-only (ONNX) model")
+        reason = self.unavailable_reason(spec)
+        if reason is not None:
+            raise UnsupportedMethodError(f"{method!r} is unavailable for this model: {reason}")
         return spec
 
     def resolve_params(
@@ -180,6 +231,8 @@ class Engine:
             model=self.model,
             forward_numpy=self.forward_numpy,
             target_layer=self.target_layer,
+            cam_layer=self.cam_layer,
+            attention=self.attention,
             generator=torch.Generator().manual_seed(seed),
             deadline=deadline,
             cancelled=cancelled,

@@ -16,52 +16,13 @@ reads. Every hook is removed on every path, also when the model raises.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 from torch import nn
 
 from service.engine.cam_layer import CamLayer
 from service.engine.errors import UnsupportedMethodError
-
-MAX_PREFIX_TOKENS = 32  # class, distillation and register tokens before the patches
-PROBE_SEED = 0
-Hook = Callable[[nn.Module, object, object], None]
-
-
-@dataclass
-class _Output:
-    """One module call's tensor output, as the probe saw it."""
-
-    seq: int
-    name: str
-    tensor: torch.Tensor
-    node: Any  # the autograd node that produced it (tensor.grad_fn at return time)
-    version: int
-
-
-@dataclass
-class _Probe:
-    """What one hooked forward pass recorded."""
-
-    logits: torch.Tensor
-    outputs: list[_Output] = field(default_factory=list)
-    calls: dict[str, int] = field(default_factory=dict)
-
-    def once(self, out: _Output) -> bool:
-        return self.calls[out.name] == 1
-
-    def same_output(self, chosen: _Output) -> tuple[str, ...]:
-        """Other modules that ran once and returned the very tensor ``chosen`` names."""
-        return tuple(
-            o.name
-            for o in self.outputs
-            if o.node is chosen.node and o.name != chosen.name and self.once(o)
-        )
+from service.engine.layer_probe import Output, Probe, run_probe, token_grids, token_length
+from service.engine.layers import resolve_layer
 
 
 def find_cam_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> CamLayer:
@@ -94,8 +55,8 @@ def find_cam_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> CamLa
         UnsupportedMethodError: the logits depend on no spatial map and no token sequence
             (CAM methods are unavailable for this model); the message says what is missing.
     """
-    probe = _run_probe(model, input_shape)
-    grids = _grids(probe, input_shape)
+    probe = run_probe(model, input_shape)
+    grids = token_grids(probe, input_shape)
     frontier, passed = _frontier(probe, grids)
     if not frontier:
         raise UnsupportedMethodError(
@@ -106,107 +67,23 @@ def find_cam_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> CamLa
     last = max(frontier, key=lambda out: out.seq)
     if last.tensor.dim() == 4:
         return _spatial(probe, last, passed, input_shape)
-    return _tokens(probe, last, grids[_token_length(last.tensor)])
+    return _tokens(probe, last, grids[token_length(last.tensor)])
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {module: module.training for module in model.modules()}
-    try:
-        with contextlib.suppress(NotImplementedError):  # an exported program refuses eval()
-            model.eval()
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def _run_probe(model: nn.Module, input_shape: tuple[int, int, int]) -> _Probe:
-    outputs: list[_Output] = []
-    calls: dict[str, int] = {}
-    owner = threading.get_ident()
-
-    def record(name: str) -> Hook:
-        def hook(_module: nn.Module, _args: object, output: object) -> None:
-            if threading.get_ident() != owner:
-                return  # another thread's forward of a shared model is not ours to count
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(output, torch.Tensor) and output.grad_fn is not None:
-                outputs.append(_Output(len(outputs), name, output, output.grad_fn, output._version))
-
-        return hook
-
-    first = next(iter([*model.parameters(), *model.buffers()]), None)
-    device = first.device if first is not None else torch.device("cpu")
-    dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
-    pixels = torch.rand((1, *input_shape), generator=torch.Generator().manual_seed(PROBE_SEED))
-    pixels = pixels.to(device=device, dtype=dtype).requires_grad_(True)
-    handles = []
-    try:
-        # named_modules() yields a shared module once: one hook, which fires once per call.
-        for name, module in model.named_modules():
-            if name:
-                handles.append(module.register_forward_hook(record(name)))
-        with _eval_mode(model), torch.enable_grad():
-            logits = model(pixels)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not isinstance(logits, torch.Tensor) or logits.grad_fn is None:
-        raise UnsupportedMethodError(
-            "no CAM layer: the model's output is not a logits tensor computed from its input"
-        )
-    return _Probe(logits, outputs, calls)
-
-
-def _token_length(tensor: torch.Tensor) -> int:
-    """Sequence length of a probe tensor (batch 1): ``(1, T, D)`` or ``(T, 1, D)``; else 0."""
-    if tensor.dim() != 3:
-        return 0
-    if tensor.shape[0] == 1:
-        return int(tensor.shape[1])
-    return int(tensor.shape[0]) if tensor.shape[1] == 1 else 0
-
-
-def _grids(probe: _Probe, input_shape: tuple[int, int, int]) -> dict[int, tuple[int, int]]:
-    """Token length -> patch grid, for every length seen that is ``prefix + gh * gw``.
-
-    Grids come from the 4-D outputs seen (a patch embedding's ``(N, D, gh, gw)``) first,
-    else from the input size divided by a patch size that divides both sides.
-    """
-    height, width = input_shape[1], input_shape[2]
-    shapes = [o.tensor.shape for o in probe.outputs if o.tensor.dim() == 4]
-    seen = [(int(shape[-2]), int(shape[-1])) for shape in shapes]
-    sides = range(1, min(height, width) + 1)
-    inferred = [(height // p, width // p) for p in sides if height % p == 0 == width % p]
-    found: dict[int, tuple[int, int]] = {}
-    for out in probe.outputs:
-        length = _token_length(out.tensor)
-        if length == 0 or length in found:
-            continue
-        for grid in (*seen, *inferred):
-            if grid[0] * grid[1] > 1 and 0 <= length - grid[0] * grid[1] <= MAX_PREFIX_TOKENS:
-                found[length] = grid
-                break
-    return found
-
-
-def _frontier(
-    probe: _Probe, grids: dict[int, tuple[int, int]]
-) -> tuple[list[_Output], list[_Output]]:
+def _frontier(probe: Probe, grids: dict[int, tuple[int, int]]) -> tuple[list[Output], list[Output]]:
     """The maps and token sequences the head reads, and the shared-module outputs passed over.
 
     Walks the autograd graph from the logits and stops at nodes that produced a candidate
     (a spatial map, or tokens of a known grid) returned by a module that ran once; a
     candidate returned only by modules that ran more than once is walked through.
     """
-    by_node: dict[int, list[_Output]] = {}
+    by_node: dict[int, list[Output]] = {}
     for out in probe.outputs:
         spatial = out.tensor.dim() == 4 and out.tensor.shape[-2] * out.tensor.shape[-1] > 1
-        if spatial or _token_length(out.tensor) in grids:
+        if spatial or token_length(out.tensor) in grids:
             by_node.setdefault(id(out.node), []).append(out)
-    frontier: list[_Output] = []
-    passed: list[_Output] = []
+    frontier: list[Output] = []
+    passed: list[Output] = []
     seen: set[int] = set()
     stack = [probe.logits.grad_fn]
     while stack:
@@ -225,7 +102,7 @@ def _frontier(
 
 
 def _spatial(
-    probe: _Probe, chosen: _Output, passed: list[_Output], input_shape: tuple[int, int, int]
+    probe: Probe, chosen: Output, passed: list[Output], input_shape: tuple[int, int, int]
 ) -> CamLayer:
     _, channels, height, width = (int(d) for d in chosen.tensor.shape)
     how = (
@@ -244,24 +121,24 @@ def _spatial(
     return CamLayer(chosen.name, "spatial", (height, width), channels, how=how, same_output=same)
 
 
-def _runs(probe: _Probe, names: list[str]) -> str:
+def _runs(probe: Probe, names: list[str]) -> str:
     """``"a (runs 3 times per forward), b (...)"`` for modules that run more than once."""
     unique = sorted(set(names))
     return ", ".join(f"{name} (runs {probe.calls[name]} times per forward)" for name in unique)
 
 
-def _tokens(probe: _Probe, last: _Output, grid: tuple[int, int]) -> CamLayer:
+def _tokens(probe: Probe, last: Output, grid: tuple[int, int]) -> CamLayer:
     """The latest token map like ``last`` (length and width) whose patch tokens matter.
 
     One backward pass gives the logits' gradient with respect to every candidate; a map
     whose patch tokens get an identically zero gradient (every block after the class
     token's last read, when the head reads only that token) would give an all-zero CAM.
     """
-    length, width = _token_length(last.tensor), int(last.tensor.shape[-1])
+    length, width = token_length(last.tensor), int(last.tensor.shape[-1])
     prefix = length - grid[0] * grid[1]
     candidates, nodes = [], set()
     for out in probe.outputs:
-        alike = _token_length(out.tensor) == length and int(out.tensor.shape[-1]) == width
+        alike = token_length(out.tensor) == length and int(out.tensor.shape[-1]) == width
         fresh = out.tensor._version == out.version  # not changed in place since it was returned
         if out.seq > last.seq or not alike or not fresh or not probe.once(out):
             continue
@@ -297,3 +174,70 @@ def _tokens(probe: _Probe, last: _Output, grid: tuple[int, int]) -> CamLayer:
         f"no CAM layer: the logits depend on no patch token of any {length}-token map "
         f"({prefix} prefix + {grid[0]}x{grid[1]} grid); CAM methods are unavailable"
     )
+
+
+def describe_layer(model: nn.Module, name: str, input_shape: tuple[int, int, int]) -> CamLayer:
+    """The CAM layer a user named, checked on one forward pass of a random image.
+
+    It must exist, run exactly once per forward (a hook cannot tell the calls of a module
+    run several times apart), output a spatial map ``(N, C, H, W)`` with ``H * W > 1`` or
+    a token sequence of ``prefix + gh * gw`` tokens, and the logits must depend on it (on
+    its patch tokens, for tokens: else its CAM is blank).
+
+    Args:
+        model: the classifier (pixel space, as the engine serves it).
+        name: dotted module name, e.g. ``"model.layer4"``.
+        input_shape: ``(C, H, W)`` of one input.
+
+    Returns:
+        A :class:`CamLayer` with ``chosen="given"``.
+
+    Raises:
+        InvalidInputError: no module has that name (the message lists candidates).
+        UnsupportedMethodError: it is not a CAM layer; the message says why.
+    """
+    resolve_layer(model, name)
+    probe = run_probe(model, input_shape)
+    runs = probe.calls.get(name, 0)
+    if runs != 1:
+        raise UnsupportedMethodError(
+            f"target layer {name!r} runs {runs} times per forward; CAM needs a layer that "
+            "runs exactly once (name the block that encloses it)"
+        )
+    out = next((o for o in probe.outputs if o.name == name), None)
+    if out is None:
+        raise UnsupportedMethodError(
+            f"target layer {name!r} does not return one tensor computed from the input"
+        )
+    (grad,) = torch.autograd.grad(probe.logits.sum(), out.tensor, allow_unused=True)
+    if grad is None:
+        raise UnsupportedMethodError(f"the logits do not depend on target layer {name!r}")
+    shape, same = tuple(out.tensor.shape), probe.same_output(out)
+    if out.tensor.dim() == 4 and shape[-2] * shape[-1] > 1:
+        _, channels, height, width = (int(d) for d in shape)
+        how = f"given: {name} ({channels}x{height}x{width} for a {_side(input_shape)} input)"
+        return CamLayer(
+            name, "spatial", (height, width), channels, how=how, same_output=same, chosen="given"
+        )
+    length = token_length(out.tensor)
+    grid = token_grids(probe, input_shape).get(length)
+    if grid is None:
+        raise UnsupportedMethodError(
+            f"target layer {name!r} outputs {shape}: neither a spatial map (N, C, H, W) with "
+            "H*W > 1 nor a token sequence of prefix + patch-grid length"
+        )
+    prefix, batch_first = length - grid[0] * grid[1], shape[0] == 1
+    patches = grad[:, prefix:] if batch_first else grad[prefix:]
+    if not bool(patches.abs().amax() > 0):
+        raise UnsupportedMethodError(
+            f"the patch tokens of target layer {name!r} do not reach the logits (the head "
+            "reads prefix tokens only), so its CAM would be blank: name the last block's "
+            "first norm, or give no target layer"
+        )
+    how = f"given: {name} ({length} tokens: {prefix} prefix + {grid[0]}x{grid[1]} patch grid)"
+    width = int(shape[-1])
+    return CamLayer(name, "tokens", grid, width, prefix, batch_first, how, same, "given")
+
+
+def _side(input_shape: tuple[int, int, int]) -> str:
+    return f"{input_shape[1]}x{input_shape[2]}"

@@ -1,7 +1,8 @@
-"""Named layers of a model: lookup, per-call activation capture (CAM layer choice: see below).
+"""Named layers of a model: lookup, per-call activation capture.
 
-The CAM layer itself is found by :func:`service.engine.layer_finder.find_cam_layer`, which
-answers a :class:`service.engine.cam_layer.CamLayer` (spatial map or patch tokens, with
+The CAM layer itself is found by :func:`service.engine.layer_finder.find_cam_layer` (or a
+given name checked by :func:`service.engine.layer_finder.describe_layer`), which answers a
+:class:`service.engine.cam_layer.CamLayer` (spatial map or patch tokens, with
 :func:`service.engine.cam_layer.tokens_to_map` for the latter).
 
 Every hook registered here lives inside a ``with`` block and is removed in ``finally``, so a
@@ -25,7 +26,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from service.engine.layer_finder import find_cam_layer
 from service.protocol.errors import InvalidInputError, UnsupportedMethodError
 
 
@@ -48,29 +48,6 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
     spatial = [n for n, m in modules.items() if n and isinstance(m, nn.Conv2d)]
     hint = ", ".join(spatial[-5:]) or ", ".join(n for n in list(modules)[1:6])
     raise InvalidInputError(f"model has no layer named {name!r} (e.g. {hint})")
-
-
-def find_last_spatial_layer(model: nn.Module, input_shape: tuple[int, int, int]) -> str:
-    """Name of the spatial CAM layer :func:`find_cam_layer` finds (``Engine``'s ``"auto"``).
-
-    Args:
-        model: the model (pixel space).
-        input_shape: ``(C, H, W)`` of one input.
-
-    Returns:
-        The dotted name of the layer, suitable for :func:`resolve_layer`.
-
-    Raises:
-        UnsupportedMethodError: the model has no CAM layer, or its CAM layer is a token
-            map, which the CAM methods do not reshape yet.
-    """
-    layer = find_cam_layer(model, input_shape)
-    if layer.kind != "spatial":
-        raise UnsupportedMethodError(
-            f"the CAM layer is a token map ({layer.how}); CAM methods read spatial maps only: "
-            "give a spatial target layer or none"
-        )
-    return layer.name
 
 
 @dataclass

@@ -75,3 +75,9 @@ def box_blur(image: np.ndarray, ksize: int = 10) -> np.ndarray:
     """``(C, H, W)`` image blurred by a ``ksize`` box, the Sobol authors' substrate."""
     hwc = np.ascontiguousarray(image.transpose(1, 2, 0))
     return cv2.blur(hwc, (ksize, ksize)).reshape(hwc.shape).transpose(2, 0, 1)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(B, h, w)`` maps resized bilinearly to ``size`` ``(H, W)``, ``align_corners=False``
+    (as Captum's ``LayerAttribution.interpolate``)."""
+    return F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False)[:, 0]

@@ -1,14 +1,12 @@
 """The three name families of the engine -- methods, masks, scores -- as decorator registries.
 
-Every consumer (the proto enums that ``make protos`` renders, the CLI choices, the docs,
-``GetModelInfo``, the tests) reads names, capabilities and parameters from here; nothing
-keeps its own list. A member's parameters are :class:`~service.protocol.params.Param`\\ s,
-and its function takes them as typed keyword-only arguments without defaults (the
-default is written once, in the ``Param``). Registration checks that convention, so a
-function and its declaration cannot drift apart.
-
-A registry imports its family's package (by name, on first lookup) to run the members'
-decorators: the packages import this module, never the other way round.
+Every consumer (the proto enums ``make protos`` renders, the CLI, the docs, ``GetModelInfo``,
+the tests) reads names, capabilities and parameters from here; nothing keeps its own list.
+A member's parameters are :class:`~service.protocol.params.Param`\\ s, and its function
+takes them as typed keyword-only arguments without defaults (the default is written once,
+in the ``Param``); registration checks that, so a function and its declaration cannot
+drift apart. A registry imports its family's package (by name, on first lookup) to run the
+members' decorators: the packages import this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -163,7 +161,7 @@ class MethodSpec(Member):
             (see :data:`service.engine.types.MethodFn`).
         backend: ``"torch"`` (needs a differentiable module) or ``"onnx"`` (forward only).
         needs_gradients: calls ``backward`` on the input.
-        needs_layer: needs a named spatial layer (CAM methods).
+        needs_layer, needs_attention: needs a CAM layer / the model's self-attention.
         batchable: items of a batch are computed together.
         cost: ``cost(params, (C, H, W)) -> Cost`` of one image, counted as the method
             evaluates the model (the contract tests count its calls).
@@ -172,6 +170,7 @@ class MethodSpec(Member):
     backend: Backend
     needs_gradients: bool
     needs_layer: bool
+    needs_attention: bool
     batchable: bool
     cost: CostFn
 
@@ -228,6 +227,7 @@ def register_method(
     cost: CostFn,
     params: tuple[Param, ...] = (),
     needs_layer: bool = False,
+    needs_attention: bool = False,
     batchable: bool = True,
     validate: Validator | None = None,
 ) -> Callable[[FnT], FnT]:
@@ -240,6 +240,7 @@ def register_method(
         backend=backend,
         needs_gradients=needs_gradients,
         needs_layer=needs_layer,
+        needs_attention=needs_attention,
         batchable=batchable,
         description=description,
         paper=paper,
@@ -292,8 +293,7 @@ def get_method(name: str) -> MethodSpec:
     return METHODS.get(name)
 
 
-list_methods = METHODS.members
-method_names = METHODS.names
+list_methods, method_names = METHODS.members, METHODS.names
 
 
 def iter_methods(backend: Backend | None = None) -> Iterator[MethodSpec]:

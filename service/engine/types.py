@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from service.engine.attention_info import AttentionInfo
+from service.engine.cam_layer import CamLayer
 from service.protocol.errors import CancelledError, DeadlineExceededError
 
 NumpyForward = Callable[[np.ndarray], np.ndarray]
@@ -42,6 +44,9 @@ class ExplainContext:
             inside), eval mode, parameters frozen. ``None`` on a forward-only host.
         forward_numpy: fast forward (ONNX Runtime) for forward-only methods and scores.
         target_layer: the module CAM methods hook, or ``None``.
+        cam_layer: what that module outputs (a spatial map, or tokens to reshape); ``None``
+            reads the output as a spatial map.
+        attention: the model's self-attention, for the transformer-native methods.
         generator: seeded per request; the only source of randomness a method may use.
         deadline: ``time.monotonic()`` value after which work must stop, or ``None``.
         cancelled: returns True once the caller has gone away, or ``None``.
@@ -55,6 +60,8 @@ class ExplainContext:
     model: torch.nn.Module | None
     forward_numpy: NumpyForward | None = None
     target_layer: torch.nn.Module | None = None
+    cam_layer: CamLayer | None = None
+    attention: AttentionInfo | None = None
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None

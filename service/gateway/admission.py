@@ -2,8 +2,9 @@
 
 A call the model server cannot start soon only waits in a queue, holds memory, and
 makes everything behind it later. So the gateway counts the calls it has sent on and not
-yet answered, per model and per pool (``explain``: Explain and ExplainStream; ``predict``:
-Predict and GetModelInfo, which run in the model's forward-only pool), and answers a call
+yet answered, per model and per pool (``explain``: Explain, ExplainStream and the
+VisualizeClass calls, which need gradients; ``predict``: Predict and GetModelInfo, which
+run in the model's forward-only pool), and answers a call
 above the bound at once with RESOURCE_EXHAUSTED saying that it is retryable. The bound is
 sized from the pool's workers and batch size (:meth:`Admission.sized`): enough queued
 batches to keep every worker busy, and always below TorchServe's own ``job_queue_size``
@@ -27,6 +28,8 @@ RPC_KINDS = {
     "ExplainStream": "explain",
     "Predict": "predict",
     "GetModelInfo": "predict",
+    "VisualizeClass": "explain",
+    "VisualizeClassStream": "explain",
 }
 
 

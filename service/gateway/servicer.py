@@ -50,7 +50,11 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         return predict_pool(model) if self.split_pools else model
 
     def _model(
-        self, request: pb.ExplainRequest | pb.PredictRequest | pb.GetModelInfoRequest
+        self,
+        request: pb.ExplainRequest
+        | pb.PredictRequest
+        | pb.GetModelInfoRequest
+        | pb.VisualizeClassRequest,
     ) -> str:
         name = request.model or self.models[0]
         if name not in self.models:
@@ -122,6 +126,39 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         info = pb.ModelInfo.FromString(raw)
         raise_payload_error(info.error)
         return info
+
+    async def VisualizeClass(
+        self, request: pb.VisualizeClassRequest, context: grpc.aio.ServicerContext
+    ) -> pb.VisualizeClassResponse:
+        model = self._model(request)
+        with self.admission.admit(model, "explain"):
+            raw = await self.upstream.call(
+                model,
+                "visualize",
+                request.SerializeToString(),
+                context.time_remaining(),
+                model=model,
+            )
+        response = pb.VisualizeClassResponse.FromString(raw)
+        raise_payload_error(response.error)
+        return response
+
+    async def VisualizeClassStream(
+        self, request: pb.VisualizeClassRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.VisualizeClassStreamResponse]:
+        model = self._model(request)
+        with self.admission.admit(model, "explain"):
+            async for raw in self.upstream.stream(
+                model,
+                request.SerializeToString(),
+                context.time_remaining(),
+                model=model,
+                key="visualize",
+            ):
+                part = pb.VisualizeClassStreamResponse.FromString(raw)
+                if part.WhichOneof("part") == "result":
+                    raise_payload_error(part.result.error)
+                yield part
 
     def _observe(
         self,

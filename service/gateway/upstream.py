@@ -197,13 +197,20 @@ class TorchServeClient:
         raise AssertionError("unreachable: the last attempt raises or returns")
 
     async def stream(
-        self, ts_model: str, payload: bytes, timeout: float | None, *, model: str
+        self,
+        ts_model: str,
+        payload: bytes,
+        timeout: float | None,
+        *,
+        model: str,
+        key: str = "request",
     ) -> AsyncIterator[bytes]:
-        """``StreamPredictions``: retried once only when it failed before its first part."""
+        """``StreamPredictions`` with the handler input ``key`` (``request``, ``visualize``):
+        retried once only when it failed before its first part."""
         end = time.monotonic() + (self.backstop_s if timeout is None else timeout)
         deadline = _deadline_ms(timeout)
         for attempt in range(1, self.retry.attempts + 1):
-            request = self._request(ts_model, "request", payload, deadline)
+            request = self._request(ts_model, key, payload, deadline)
             request.input["stream"] = b"true"
             call = self.stub.StreamPredictions(
                 request, timeout=_left(end), metadata=self._metadata()

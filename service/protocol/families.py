@@ -44,11 +44,16 @@ class Family:
 METHOD = Family("Method", "METHOD_", "method", "Not a method: every MethodRequest sets one.")
 MASK = Family("MaskKind", "MASK_KIND_", "mask", "Same as MASK_KIND_THRESHOLD.")
 SCORE = Family("Score", "SCORE_", "score", "Not a score: every entry of `scores` sets one.")
+VISUALIZATION = Family(
+    "Visualization", "VISUALIZATION_", "visualisation method", "Same as VISUALIZATION_MACO."
+)
 MAP_ENCODING = Family("MapEncoding", "MAP_ENCODING_", "map encoding", "Same as MAP_ENCODING_PNG8.")
 
 DEFAULT_METHOD = "vanilla_gradient"
 """Explained when a request lists no method."""
 DEFAULT_MASK = "threshold"
 """Computed when a request leaves ``mask.kind`` unset."""
+DEFAULT_VISUALIZATION = "maco"
+"""Run when a ``VisualizeClassRequest`` leaves ``method`` unset."""
 DEFAULT_MAP_ENCODING = "png8"
 """Used when a request leaves ``map_encoding`` unset."""

@@ -71,6 +71,9 @@ class WireEnum:
 METHODS = WireEnum(families.METHOD, pb.Method)
 MASKS = WireEnum(families.MASK, pb.MaskKind, default=families.DEFAULT_MASK)
 SCORES = WireEnum(families.SCORE, pb.Score)
+VISUALIZATIONS = WireEnum(
+    families.VISUALIZATION, pb.Visualization, default=families.DEFAULT_VISUALIZATION
+)
 MAP_ENCODINGS = WireEnum(
     families.MAP_ENCODING, pb.MapEncoding, default=families.DEFAULT_MAP_ENCODING
 )

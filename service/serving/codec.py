@@ -180,6 +180,12 @@ def encode_mask(mask: np.ndarray, kind: str) -> pb.Mask:
     return pb.Mask(width=width, height=height, kind=MASKS.number(kind), png=data)  # type: ignore[arg-type]
 
 
+def encode_rgb(image: np.ndarray) -> bytes:
+    """A float ``(3, H, W)`` image in ``[0, 1]`` as an 8-bit RGB PNG."""
+    pixels = np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
+    return _png(np.ascontiguousarray(pixels[:, :, ::-1]), [cv2.IMWRITE_PNG_COMPRESSION, 6])
+
+
 def _png(array: np.ndarray, params: list[int]) -> bytes:
     ok, buffer = cv2.imencode(".png", array, params)
     if not ok:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.engine.cam_layer import CamLayer
 from service.engine.masks import largest_component_box
 from service.engine.registry import MASKS, METHODS, SCORES, Member
 from service.protocol import names
@@ -95,17 +96,20 @@ class Replies:
         """Labels, input size, and every method, mask and score with its parameters."""
         meta, engine = self.bundle.meta, self.bundle.engine
         channels, height, width = meta.input_size
-        methods = [
-            pb.MethodInfo(
-                method=names.METHODS.number(spec.name),  # type: ignore[arg-type]
-                **_described(spec),
-                needs_gradients=spec.needs_gradients,
-                batchable=spec.batchable,
-                defaults=spec.defaults.wire(),
-                available=not spec.needs_layer or engine.target_layer is not None,
+        methods = []
+        for spec in METHODS.members():
+            reason = engine.unavailable_reason(spec)
+            methods.append(
+                pb.MethodInfo(
+                    method=names.METHODS.number(spec.name),  # type: ignore[arg-type]
+                    **_described(spec),
+                    needs_gradients=spec.needs_gradients,
+                    batchable=spec.batchable,
+                    defaults=spec.defaults.wire(),
+                    available=reason is None,
+                    reason=reason or "",
+                )
             )
-            for spec in METHODS.members()
-        ]
         masks = [
             pb.MaskInfo(kind=names.MASKS.number(spec.name), **_described(spec))  # type: ignore[arg-type]
             for spec in MASKS.members()
@@ -126,11 +130,27 @@ class Replies:
             width=width,
             mean=meta.mean,
             std=meta.std,
-            target_layer=meta.target_layer or "",
+            target_layer=engine.target_layer_name or "",
+            cam_layer=_cam_layer_info(engine.cam_layer),
+            attention=engine.attention.how if engine.attention else "",
             methods=methods,
             masks=masks,
             scores=scores,
         )
+
+
+def _cam_layer_info(layer: CamLayer | None) -> pb.CamLayerInfo | None:
+    if layer is None:
+        return None
+    return pb.CamLayerInfo(
+        name=layer.name,
+        kind=layer.kind,
+        grid_height=layer.grid[0],
+        grid_width=layer.grid[1],
+        prefix_tokens=layer.prefix_tokens,
+        chosen=layer.chosen,
+        how=layer.how,
+    )
 
 
 def _described(member: Member) -> dict[str, Any]:

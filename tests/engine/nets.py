@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from service.engine.registry import MethodSpec
 from service.runtime.export import export_onnx as export_model_onnx
 from service.runtime.onnx_forward import OnnxForward
 
@@ -55,6 +57,13 @@ class TinyCnn(nn.Module):
         if self.explode:
             raise RuntimeError("model failed after the target layer")
         return self.classifier(self.pool(h).flatten(1))
+
+
+def cnn_methods(specs: Iterable[MethodSpec]) -> list[MethodSpec]:
+    """The methods a CNN such as :class:`TinyCnn` can run: all but those that read
+    attention, which ``tests/engine/test_zoo_contract.py`` holds to the same contract on
+    the zoo's transformers."""
+    return [spec for spec in specs if not spec.needs_attention]
 
 
 def images(n: int, seed: int = 0, size: int = SIZE) -> torch.Tensor:

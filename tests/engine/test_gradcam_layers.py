@@ -14,7 +14,8 @@ from torch.func import jvp, vmap
 
 from service.engine.engine import Engine
 from service.engine.errors import InvalidInputError, UnsupportedMethodError
-from service.engine.layers import capture_activations, find_last_spatial_layer, resolve_layer
+from service.engine.layer_finder import find_cam_layer
+from service.engine.layers import capture_activations, resolve_layer
 from tests.engine.conftest import ModelCase
 from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, all_hooks, images
 
@@ -199,16 +200,16 @@ def test_resolve_layer() -> None:
         Engine(model, target_layer="nope", input_shape=(3, SIZE, SIZE))
 
 
-def test_find_last_spatial_layer() -> None:
+def test_find_cam_layer() -> None:
     model = TinyCnn()
     # The block's ReLU made the last spatial tensor; the containers only pass it on.
-    assert find_last_spatial_layer(model, (3, SIZE, SIZE)) == "features.2.2"
+    assert find_cam_layer(model, (3, SIZE, SIZE)).name == "features.2.2"
     assert all_hooks(model) == []
     engine = Engine(model, target_layer="auto", input_shape=(3, SIZE, SIZE))
     assert engine.target_layer is model.features.get_submodule("2.2")
 
 
-def test_find_last_spatial_layer_follows_inplace_changes_and_skips_1x1() -> None:
+def test_find_cam_layer_follows_inplace_changes_and_skips_1x1() -> None:
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3),
         nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU(inplace=True)),
@@ -216,20 +217,24 @@ def test_find_last_spatial_layer_follows_inplace_changes_and_skips_1x1() -> None
         nn.Flatten(),
         nn.Linear(4, 2),
     )
-    assert find_last_spatial_layer(model, (3, 16, 16)) == "1.1"
+    assert find_cam_layer(model, (3, 16, 16)).name == "1.1"
 
 
-def test_find_last_spatial_layer_without_one() -> None:
+def test_without_a_cam_layer_cam_methods_are_unavailable_and_say_why() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(UnsupportedMethodError):
-        find_last_spatial_layer(model, (3, 2, 2))
+        find_cam_layer(model, (3, 2, 2))
     assert all_hooks(model) == []
+    engine = Engine(model, target_layer="auto", input_shape=(3, 2, 2))
+    with pytest.raises(UnsupportedMethodError, match="unavailable for this model: no CAM layer"):
+        engine.explain(torch.rand(1, 3, 2, 2), [0], "grad_cam")
+    engine.explain(torch.rand(1, 3, 2, 2), [0], "vanilla_gradient")  # the rest still runs
 
 
 def test_detected_layer_of_the_default_model_gives_its_cam(default_case: ModelCase) -> None:
     """Auto-detection lands on the configured CAM layer or a module with the same output."""
     model = default_case.model
-    detected = find_last_spatial_layer(model, default_case.input_shape)
+    detected = find_cam_layer(model, default_case.input_shape).name
     x = images(1, size=default_case.input_shape[-1])
     outputs = []
     for name in (detected, default_case.target_layer):

@@ -16,9 +16,9 @@ from service.engine.engine import Engine
 from service.engine.errors import DeadlineExceededError, UnsupportedMethodError
 from service.engine.registry import MethodSpec, ParamValue, iter_methods
 from service.engine.types import ExplainContext
-from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, all_hooks, images
+from tests.engine.nets import CNN_LAYER, SIZE, TinyCnn, all_hooks, cnn_methods, images
 
-TORCH_METHODS = [spec.name for spec in iter_methods("torch")]
+TORCH_METHODS = [spec.name for spec in cnn_methods(iter_methods("torch"))]
 # Cheap but non-trivial parameters, so that the whole matrix stays fast.
 FAST: dict[str, ParamValue] = {"n_samples": 4, "n_steps": 4}
 

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from service.engine.cam_layer import CamLayer, tokens_to_map
-from service.engine.errors import UnsupportedMethodError
-from service.engine.layer_finder import find_cam_layer
-from service.engine.layers import capture_activations, find_last_spatial_layer, resolve_layer
+from service.engine.errors import InvalidInputError, UnsupportedMethodError
+from service.engine.layer_finder import describe_layer, find_cam_layer
+from service.engine.layers import capture_activations, resolve_layer
 from service.engine.modules import freeze
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, vit_sdpa
 from service.runtime.wrap import Normalized
@@ -233,12 +233,43 @@ def test_probe_leaves_a_training_model_untouched() -> None:
         assert torch.equal(value, before[key]), key  # batch-norm statistics did not move
 
 
-def test_compatibility_wrapper_refuses_tokens() -> None:
-    cnn = served(ZOO["resnet18"]("tiny", 5, SIZE, 0))
-    assert find_last_spatial_layer(cnn, (3, SIZE, SIZE)) == "model.layer4.0"
-    vit = served(ZOO["vit_s16"]("tiny", 5, SIZE, 0))
-    with pytest.raises(UnsupportedMethodError, match=r"token map.*model\.blocks\.1\.norm1"):
-        find_last_spatial_layer(vit, (3, SIZE, SIZE))
+@pytest.mark.parametrize("name", list(ZOO))
+def test_a_given_layer_is_described_as_the_finder_would(name: str) -> None:
+    """The finder's answer, given by name, is checked and described the same way."""
+    model = served(ZOO[name]("tiny", 5, SIZE, 0))
+    found = find_cam_layer(model, (3, SIZE, SIZE))
+    given = describe_layer(model, found.name, (3, SIZE, SIZE))
+    assert layer_fields(given) == layer_fields(found) and given.chosen == "given"
+    assert found.chosen == "found" and given.how.startswith(f"given: {found.name}")
+    if name in ALSO:  # the name a user knows for the same tensor
+        also = describe_layer(model, ALSO[name], (3, SIZE, SIZE))
+        assert (also.kind, also.grid, also.channels) == (found.kind, found.grid, found.channels)
+    assert all_hooks(model) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "error", "match"),
+    [
+        ("resnet18", "model.layer9", InvalidInputError, r"no layer named 'model\.layer9'"),
+        (
+            "efficientnet_b0",
+            "model.features.0.2",
+            UnsupportedMethodError,
+            r"runs \d+ times per forward",
+        ),
+        ("resnet18", "model.fc", UnsupportedMethodError, r"outputs \(1, 5\): neither a spatial"),
+        # class-token head: the last block's patch tokens never reach the logits
+        ("vit_s16", "model.blocks.1", UnsupportedMethodError, "patch tokens .* do not reach"),
+    ],
+    ids=["missing", "shared_activation", "logits", "blank_tokens"],
+)
+def test_a_given_layer_that_cannot_be_a_cam_layer_is_refused_with_the_reason(
+    name: str, layer: str, error: type[Exception], match: str
+) -> None:
+    model = served(ZOO[name]("tiny", 5, SIZE, 0))
+    with pytest.raises(error, match=match):
+        describe_layer(model, layer, (3, SIZE, SIZE))
+    assert all_hooks(model) == []
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -50,7 +50,10 @@ def test_member_is_documented(member: Member) -> None:
 def test_method_capabilities_are_consistent(spec: MethodSpec) -> None:
     assert spec.backend in ("torch", "onnx")
     assert spec.forward_only == (not spec.needs_gradients)
-    assert spec.needs_gradients == (spec.backend == "torch")
+    # ONNX Runtime gives no gradient; a torch method may still be forward only (rollout
+    # reads the torch model's attention without a backward).
+    assert spec.backend == "torch" or spec.forward_only
+    assert not (spec.needs_layer and spec.needs_attention)
 
 
 @pytest.mark.parametrize("member", MEMBERS, ids=IDS)

@@ -27,6 +27,7 @@ from service.engine.layer_finder import find_cam_layer
 from service.engine.modules import freeze
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, Classifier
 from service.runtime.wrap import Normalized
+from tests.engine.zoo_cases import auto_engine, torch_forward
 
 SIZE = 64  # image side; each half is SIZE x SIZE/2
 PATCH = 8  # the tiny ViTs' patch
@@ -85,11 +86,86 @@ class TwoHalves(nn.Module):
 
 
 def two_halves_engine(name: str, seed: int = 0) -> Engine:
-    """An engine over ``TwoHalves`` on the tiny zoo model ``name``, CAM layer found for it."""
+    """An engine over ``TwoHalves`` on the tiny zoo model ``name``, CAM layer found for it;
+    forward-only methods run on the torch model."""
     backbone = ZOO[name]("tiny", 1, (SIZE, SIZE // 2), seed)
     model = freeze(Normalized(TwoHalves(backbone, seed), IMAGENET_MEAN, IMAGENET_STD))
     layer = find_cam_layer(model, (3, SIZE, SIZE))
-    return Engine(model, target_layer=layer.name, input_shape=(3, SIZE, SIZE))
+    return Engine(
+        model,
+        target_layer=layer.name,
+        attention="auto",  # none: each image runs as two sequences (the reason says so)
+        input_shape=(3, SIZE, SIZE),
+        forward_numpy=torch_forward(model),  # type: ignore[arg-type]
+    )
+
+
+class TwoHalvesViT(nn.Module):
+    """Two classes over a zoo ViT that sees the whole image as one sequence, its attention
+    masked so that each half's tokens attend only to their own group.
+
+    Groups: the left patches with class 0's readout, the right patches with class 1's. The
+    class-token ViT (``vit_s16``) gets a class token per group (prefix 2) and class ``t``
+    reads its own class token; the average-pooled ViT (``vit_s16_sdpa_reg4``) keeps its
+    class and register tokens as a third group that attends only to itself (they carry
+    no pixel), and class ``t`` reads the mean of its half's patch tokens. A group closed
+    under attention computes from its own inputs alone, so class 0's logit is exactly a
+    function of the left half, class 1's of the right -- and the attention methods see one
+    image, one sequence, as in any served ViT.
+    """
+
+    def __init__(self, backbone: Classifier, seed: int = 0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        grid = backbone.patch_embed.grid  # type: ignore[union-attr]
+        self.class_tokens = not hasattr(backbone, "reg_token")  # vit_s16: the head reads it
+        prefix = 2 if self.class_tokens else int(backbone.num_prefix_tokens)
+        columns = torch.arange(grid[0] * grid[1]) % grid[1]
+        patch_group = (columns >= grid[1] // 2).long()
+        prefix_group = torch.tensor([0, 1]) if self.class_tokens else torch.full((prefix,), 2)
+        group = torch.cat([prefix_group, patch_group])
+        mask = torch.zeros(len(group), len(group))
+        mask[group[:, None] != group[None, :]] = float("-inf")
+        self.register_buffer("mask", mask)
+        self.register_buffer("patch_group", patch_group)
+        self.prefix = prefix
+        self.head = nn.Linear(backbone.num_features, 2)
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=gen))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.backbone
+        patches = net.patch_embed(x)  # type: ignore[operator]
+        if self.class_tokens:  # vit_s16: nn.TransformerEncoderLayer, (T, N, D)
+            cls = net.cls_token.expand(len(x), 2, -1) + net.pos_embed[:, :1]  # type: ignore[union-attr, index]
+            t = torch.cat([cls, patches + net.pos_embed[:, 1:]], dim=1)  # type: ignore[index]
+            t = t.transpose(0, 1)
+            for block in net.blocks:  # type: ignore[union-attr]
+                t = block(t, src_mask=self.mask)
+            t = net.norm(t.transpose(0, 1))  # type: ignore[operator]
+            read = [t[:, 0], t[:, 1]]
+        else:  # vit_s16_sdpa_reg4: SDPA blocks, (N, T, D), average-pooled head
+            prefix = [net.cls_token.expand(len(x), -1, -1), net.reg_token.expand(len(x), -1, -1)]  # type: ignore[union-attr]
+            t = torch.cat([*prefix, patches + net.pos_embed], dim=1)  # type: ignore[operator]
+            for block in net.blocks:  # type: ignore[union-attr]
+                t = block(t, self.mask)
+            patch_tokens = t[:, self.prefix :]
+            read = [
+                net.fc_norm(patch_tokens[:, self.patch_group == side].mean(dim=1))  # type: ignore[operator]
+                for side in (0, 1)
+            ]
+        logits = [self.head(read[side])[:, side] for side in (0, 1)]
+        return torch.stack(logits, dim=1)
+
+
+def two_halves_vit_engine(name: str, seed: int = 0) -> Engine:
+    """An engine over ``TwoHalvesViT`` on the tiny zoo ViT ``name``, CAM layer and attention
+    found for it; forward-only methods run on the torch model."""
+    backbone = ZOO[name]("tiny", 1, SIZE, seed)
+    return auto_engine(
+        freeze(Normalized(TwoHalvesViT(backbone, seed), IMAGENET_MEAN, IMAGENET_STD))
+    )
 
 
 @dataclass(frozen=True)

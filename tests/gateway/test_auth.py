@@ -105,13 +105,16 @@ def test_reflection_is_off_unless_asked(channel: grpc.Channel) -> None:
         ("ExplainStream", "saliency.v1.ExplainRequest"),
         ("Predict", "saliency.v1.PredictRequest"),
         ("GetModelInfo", "saliency.v1.GetModelInfoRequest"),
+        ("VisualizeClass", "saliency.v1.VisualizeClassRequest"),
+        ("VisualizeClassStream", "saliency.v1.VisualizeClassRequest"),
     ],
 )
 def test_bytes_that_are_not_the_request_are_invalid_argument(
     gateway: Gateway, channel: grpc.Channel, script: Script, rpc: str, expected: str
 ) -> None:
     path = f"/saliency.v1.ExplainService/{rpc}"
-    call = (channel.unary_stream if rpc == "ExplainStream" else channel.unary_unary)(path)
+    streams = rpc.endswith("Stream")
+    call = (channel.unary_stream if streams else channel.unary_unary)(path)
     metadata = (("authorization", f"Bearer {GOOD}"),)
     garbage = (
         b"\xff" * 7,  # no valid tag
@@ -121,7 +124,7 @@ def test_bytes_that_are_not_the_request_are_invalid_argument(
     for data in garbage:
         with pytest.raises(grpc.RpcError) as err:
             reply = call(data, timeout=10, metadata=metadata)
-            if rpc == "ExplainStream":
+            if streams:
                 list(reply)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         details = err.value.details()  # type: ignore[attr-defined]

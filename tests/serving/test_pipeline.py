@@ -36,12 +36,21 @@ def request(*methods: str, **fields: object) -> pb.ExplainRequest:
     return req
 
 
+METHODS_BY_NAME = {spec.name: spec for spec in list_methods()}
+
+
 def test_model_info_lists_every_registered_method(explainer: Explainer) -> None:
     info = explainer.model_info()
     assert [m.name for m in info.methods] == [s.name for s in list_methods()]
     assert list(info.labels) == ["alpha", "beta", "gamma", "delta"]
     assert (info.channels, info.height, info.width) == (3, 32, 32)
-    assert all(m.available for m in info.methods)
+    # A CNN runs every method but those that read attention, and says why not those.
+    for method in info.methods:
+        attention = METHODS_BY_NAME[method.name].needs_attention
+        assert method.available == (not attention) and bool(method.reason) == attention
+        assert not attention or "no attention layers" in method.reason
+    assert info.cam_layer.name == info.target_layer == "model.features.2"
+    assert (info.cam_layer.kind, info.cam_layer.chosen) == ("spatial", "given")
 
 
 def test_explain_returns_maps_masks_and_boxes_at_image_resolution(explainer: Explainer) -> None:

@@ -1,9 +1,15 @@
-"""Class activation maps from one spatial layer: Grad-CAM and Grad-CAM++.
+"""Class activation maps from one layer: Grad-CAM and Grad-CAM++, on CNN maps and ViT tokens.
 
 Activations are captured per call by a forward hook that only records the calling
 thread's forwards (see :mod:`service.engine.layers`), and gradients are taken with
 ``torch.autograd.grad`` with respect to those activations, so concurrent calls on the same
 layer neither see each other's tensors nor need a lock. The hook is removed on every path.
+
+A token layer's activations and gradients are reshaped to their patch grid, class and
+register tokens dropped (:meth:`service.engine.cam_layer.CamLayer.to_map`, what
+pytorch-grad-cam's ``reshape_transform`` does by hand), so every CAM formula -- this
+module's and any other method's that reads the layer through :func:`layer_pass` or
+:func:`layer_activations` -- reads a ViT as it reads a CNN.
 
 Both maps are ReLU'd at the layer's resolution, then upsampled bilinearly to the input
 size (``align_corners=False``, as Captum's ``LayerAttribution.interpolate``).
@@ -11,9 +17,12 @@ size (``align_corners=False``, as Captum's ``LayerAttribution.interpolate``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from service.engine.cam_layer import CamLayer
 from service.engine.layers import capture_activations
 from service.engine.methods.gradient import (
     one_gradient,
@@ -21,6 +30,7 @@ from service.engine.methods.gradient import (
     row_chunks,
     target_logits,
 )
+from service.engine.ops import upsample
 from service.engine.registry import register_method
 from service.engine.types import Attribution, ExplainContext
 from service.protocol.errors import UnsupportedMethodError
@@ -30,36 +40,47 @@ CHATTOPADHAY_2018 = "https://arxiv.org/abs/1710.11063"
 GRADCAM_PP_EPS = 1e-6  # pytorch-grad-cam's stabiliser in the alpha denominator
 
 
-def require_layer(ctx: ExplainContext) -> torch.nn.Module:
+@dataclass(frozen=True)
+class CamReader:
+    """The CAM layer's module, and how its output becomes an ``(N, K, h, w)`` map."""
+
+    module: torch.nn.Module
+    layer: CamLayer | None  # None: the output is read as a spatial map
+
+    def as_map(self, output: torch.Tensor) -> torch.Tensor:
+        """The layer's output (or its gradient) as a map; tokens reshaped to their grid."""
+        if self.layer is not None:
+            output = self.layer.to_map(output)
+        if output.dim() != 4:
+            raise UnsupportedMethodError(
+                f"target layer output must be (N, C, H, W), got {tuple(output.shape)}"
+            )
+        return output
+
+
+def require_layer(ctx: ExplainContext) -> CamReader:
     """The CAM layer, or ``UnsupportedMethodError`` for a model without one."""
     if ctx.target_layer is None:
         raise UnsupportedMethodError("CAM methods need a target layer; this model has none")
-    return ctx.target_layer
-
-
-def _spatial(activation: torch.Tensor) -> torch.Tensor:
-    if activation.dim() != 4:
-        raise UnsupportedMethodError(
-            f"target layer output must be (N, C, H, W), got {tuple(activation.shape)}"
-        )
-    return activation
+    return CamReader(ctx.target_layer, ctx.cam_layer)
 
 
 def layer_pass(
-    model: torch.nn.Module, layer: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor
+    model: torch.nn.Module, layer: CamReader, rows: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One chunk's layer activations ``A`` and ``d S_t / d A``, each ``(N, K, h, w)`` float32."""
     # The activations are a leaf of their own: the forward up to the layer builds no
     # graph (input and parameters do not require grad), and the backward runs only
     # through the layers after it (16% off Grad-CAM on the default model).
-    with torch.enable_grad(), capture_activations(layer, leaf=True) as capture:
+    with torch.enable_grad(), capture_activations(layer.module, leaf=True) as capture:
         selected = target_logits(model(rows.detach()), targets)
-        activation = _spatial(capture.single())
+        activation = capture.single()
         if not selected.requires_grad:
             raise UnsupportedMethodError("the logits do not depend on the target layer")
         (grad,) = torch.autograd.grad(selected.sum(), activation, allow_unused=True)
     if grad is None:
         raise UnsupportedMethodError("the logits do not depend on the target layer")
+    activation, grad = layer.as_map(activation), layer.as_map(grad)
     # float32 whatever the layer computed in (autocast): the CAM sums run at full precision
     return activation.detach().float(), grad.detach().float()
 
@@ -69,9 +90,9 @@ def layer_activations(ctx: ExplainContext, inputs: torch.Tensor) -> torch.Tensor
     model, layer = require_model(ctx), require_layer(ctx)
     acts = []
     for part in row_chunks(ctx, inputs.shape[0]):
-        with torch.no_grad(), capture_activations(layer) as capture:
+        with torch.no_grad(), capture_activations(layer.module) as capture:
             model(inputs[part])
-            acts.append(_spatial(capture.single()).float())
+            acts.append(layer.as_map(capture.single()).float())
     return torch.cat(acts)
 
 
@@ -105,9 +126,7 @@ def grad_cam_pp_weights(
 
 def to_input_size(cam: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
     """ReLU, then bilinear upsampling ``(B, h, w) -> (B, H, W)`` as Captum's ``interpolate``."""
-    cam = F.relu(cam).unsqueeze(1)
-    size = (inputs.shape[-2], inputs.shape[-1])
-    return F.interpolate(cam, size=size, mode="bilinear", align_corners=False).squeeze(1)
+    return upsample(F.relu(cam), (inputs.shape[-2], inputs.shape[-1]))
 
 
 @register_method(

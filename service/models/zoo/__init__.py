@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import MappingProxyType
+from typing import Any
 
 from service.models.zoo import convnext, efficientnet, resnet, vit, vit_sdpa
 from service.models.zoo.common import Classifier, ImageSize, Size
@@ -34,4 +35,22 @@ ZOO: MappingProxyType[str, Builder] = MappingProxyType(
 )
 """Architecture name -> builder, in the order the tests and benches report them."""
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ZOO", "Builder", "Classifier", "ImageSize", "Size"]
+
+def eager_spec(name: str, size: Size, num_classes: int, image_size: int) -> dict[str, Any]:
+    """The ``archive`` eager spec of zoo model ``name``: its builder, by module and name, and
+    the builder's arguments (weights come from ``seed`` 0, so no weights file)."""
+    builder = ZOO[name]
+    kwargs = {"size": size, "num_classes": num_classes, "image_size": image_size, "seed": 0}
+    return {"module": builder.__module__, "class": builder.__name__, "kwargs": kwargs}
+
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ZOO",
+    "Builder",
+    "Classifier",
+    "ImageSize",
+    "Size",
+    "eager_spec",
+]

@@ -60,6 +60,10 @@ class _MethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Method.ValueTy
     """Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
     METHOD_LIME: _Method.ValueType  # 14
     """Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
+    METHOD_ATTENTION_ROLLOUT: _Method.ValueType  # 15
+    """Class-independent attention of the readout token(s) to each patch, multiplied through the layers with the residual identity (Abnar & Zuidema 2020, attention rollout)"""
+    METHOD_GRADIENT_WEIGHTED_ATTENTION: _Method.ValueType  # 16
+    """Relevance of each patch to the target, from attention weighted by its gradient and propagated through the layers (Chefer et al. 2021, generic attention explainability)"""
 
 class Method(_Method, metaclass=_MethodEnumTypeWrapper):
     """BEGIN GENERATED Method (make protos renders this block from service.engine.registry)"""
@@ -94,6 +98,10 @@ METHOD_KERNEL_SHAP: Method.ValueType  # 13
 """Shapley values of superpixels from a least-squares fit under the Shapley kernel (Lundberg & Lee 2017, KernelSHAP)"""
 METHOD_LIME: Method.ValueType  # 14
 """Ridge surrogate of the target logit over random superpixel subsets, weighted by closeness to the image (Ribeiro et al. 2016, LIME)"""
+METHOD_ATTENTION_ROLLOUT: Method.ValueType  # 15
+"""Class-independent attention of the readout token(s) to each patch, multiplied through the layers with the residual identity (Abnar & Zuidema 2020, attention rollout)"""
+METHOD_GRADIENT_WEIGHTED_ATTENTION: Method.ValueType  # 16
+"""Relevance of each patch to the target, from attention weighted by its gradient and propagated through the layers (Chefer et al. 2021, generic attention explainability)"""
 Global___Method: _TypeAlias = Method  # noqa: Y015
 
 class _MapEncoding:
@@ -182,6 +190,30 @@ SCORE_MAX_SENSITIVITY: Score.ValueType  # 4
 SCORE_RANK_STABILITY: Score.ValueType  # 5
 """Mean Spearman correlation of the map with the maps of randomly changed inputs (Ghorbani et al. 2019, Interpretation of Neural Networks is Fragile); higher is better"""
 Global___Score: _TypeAlias = Score  # noqa: Y015
+
+class _Visualization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VisualizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Visualization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VISUALIZATION_UNSPECIFIED: _Visualization.ValueType  # 0
+    """Same as VISUALIZATION_MACO."""
+    VISUALIZATION_GRADIENT_ASCENT: _Visualization.ValueType  # 1
+    """Gradient ascent on the input of the class score with an L2 penalty, from the mean image (Simonyan et al. 2013, Deep Inside Convolutional Networks, sec. 2)"""
+    VISUALIZATION_MACO: _Visualization.ValueType  # 2
+    """Fourier phase optimisation under a fixed 1/f natural-image magnitude, with random crops and noise (Fel et al. 2023, Unlocking Feature Visualization for Deeper Networks with MAgnitude-Constrained Optimization)"""
+
+class Visualization(_Visualization, metaclass=_VisualizationEnumTypeWrapper):
+    """BEGIN GENERATED Visualization (make protos renders this block from service.engine.visualize)"""
+
+VISUALIZATION_UNSPECIFIED: Visualization.ValueType  # 0
+"""Same as VISUALIZATION_MACO."""
+VISUALIZATION_GRADIENT_ASCENT: Visualization.ValueType  # 1
+"""Gradient ascent on the input of the class score with an L2 penalty, from the mean image (Simonyan et al. 2013, Deep Inside Convolutional Networks, sec. 2)"""
+VISUALIZATION_MACO: Visualization.ValueType  # 2
+"""Fourier phase optimisation under a fixed 1/f natural-image magnitude, with random crops and noise (Fel et al. 2023, Unlocking Feature Visualization for Deeper Networks with MAgnitude-Constrained Optimization)"""
+Global___Visualization: _TypeAlias = Visualization  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):
@@ -983,6 +1015,7 @@ class MethodInfo(_message.Message):
     DEFAULTS_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     method: Global___Method.ValueType
     name: _builtins.str
     description: _builtins.str
@@ -990,7 +1023,9 @@ class MethodInfo(_message.Message):
     needs_gradients: _builtins.bool
     batchable: _builtins.bool
     available: _builtins.bool
-    """False when this model cannot run it (e.g. CAM without a target layer)."""
+    """False when this model cannot run it (e.g. CAM without a CAM layer); `reason` says why."""
+    reason: _builtins.str
+    """Why this model cannot run it, when `available` is false; empty otherwise."""
     @_builtins.property
     def defaults(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -1007,10 +1042,11 @@ class MethodInfo(_message.Message):
         defaults: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         available: _builtins.bool = ...,
         params: _abc.Iterable[Global___ParamInfo] | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batchable", b"batchable", "defaults", b"defaults", "description", b"description", "method", b"method", "name", b"name", "needs_gradients", b"needs_gradients", "paper", b"paper", "params", b"params"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "batchable", b"batchable", "defaults", b"defaults", "description", b"description", "method", b"method", "name", b"name", "needs_gradients", b"needs_gradients", "paper", b"paper", "params", b"params", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1099,11 +1135,17 @@ class ModelInfo(_message.Message):
     METHODS_FIELD_NUMBER: _builtins.int
     MASKS_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    CAM_LAYER_FIELD_NUMBER: _builtins.int
+    ATTENTION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     channels: _builtins.int
     height: _builtins.int
     width: _builtins.int
     target_layer: _builtins.str
+    attention: _builtins.str
+    """The model's self-attention as the attention methods read it (layers, heads, tokens,
+    patch grid, the rows its head reads); empty when it has none.
+    """
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -1118,6 +1160,12 @@ class ModelInfo(_message.Message):
     def masks(self) -> _containers.RepeatedCompositeFieldContainer[Global___MaskInfo]: ...
     @_builtins.property
     def scores(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreInfo]: ...
+    @_builtins.property
+    def cam_layer(self) -> Global___CamLayerInfo:
+        """The layer CAM methods read, as `saliency-serve archive` found or was given it; unset
+        when the model has none (the CAM methods' `reason` says why).
+        """
+
     @_builtins.property
     def error(self) -> Global___Error: ...
     def __init__(
@@ -1134,12 +1182,267 @@ class ModelInfo(_message.Message):
         methods: _abc.Iterable[Global___MethodInfo] | None = ...,
         masks: _abc.Iterable[Global___MaskInfo] | None = ...,
         scores: _abc.Iterable[Global___ScoreInfo] | None = ...,
+        cam_layer: Global___CamLayerInfo | None = ...,
+        attention: _builtins.str = ...,
         error: Global___Error | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cam_layer", b"cam_layer", "error", b"error", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "error", b"error", "height", b"height", "labels", b"labels", "masks", b"masks", "mean", b"mean", "methods", b"methods", "model", b"model", "scores", b"scores", "std", b"std", "target_layer", b"target_layer", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attention", b"attention", "cam_layer", b"cam_layer", "channels", b"channels", "error", b"error", "height", b"height", "labels", b"labels", "masks", b"masks", "mean", b"mean", "methods", b"methods", "model", b"model", "scores", b"scores", "std", b"std", "target_layer", b"target_layer", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class VisualizeClassRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    IMAGE_EVERY_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Served model name; empty means the server's default model."""
+    target: _builtins.int
+    """The class whose pre-softmax score is maximised."""
+    method: Global___Visualization.ValueType
+    seed: _builtins.int
+    """Seed of every random draw (start, phases, crops, noise): same request, same image."""
+    image_every: _builtins.int
+    """VisualizeClassStream only: attach the current image to every this many steps'
+    progress (0: progress without images).
+    """
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Overrides of the method's defaults (see the docs' visualisation table); values are
+        parsed to the parameter's type and checked against its bounds.
+        """
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        target: _builtins.int = ...,
+        method: Global___Visualization.ValueType = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        image_every: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["image_every", b"image_every", "method", b"method", "model", b"model", "params", b"params", "seed", b"seed", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisualizeClassRequest: _TypeAlias = VisualizeClassRequest  # noqa: Y015
+
+@_typing.final
+class VisualizeClassResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_LABEL_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    TRANSPARENCY_FIELD_NUMBER: _builtins.int
+    TARGET_LOGIT_FIELD_NUMBER: _builtins.int
+    TARGET_PROBABILITY_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    TIMINGS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    target: _builtins.int
+    target_label: _builtins.str
+    method: Global___Visualization.ValueType
+    seed: _builtins.int
+    png: _builtins.bytes
+    """8-bit RGB PNG at the model's input size."""
+    target_logit: _builtins.float
+    """The model's answer on the returned PNG (after 8-bit rounding), through the forward."""
+    target_probability: _builtins.float
+    cached: _builtins.bool
+    """Served from the worker's cache: no search ran."""
+    @_builtins.property
+    def model(self) -> Global___ModelRef: ...
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The parameters actually used (defaults merged with the request)."""
+
+    @_builtins.property
+    def transparency(self) -> Global___SaliencyMap:
+        """MACO: the accumulated input-gradient magnitude (how much each pixel mattered)."""
+
+    @_builtins.property
+    def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageTiming]: ...
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        target: _builtins.int = ...,
+        target_label: _builtins.str = ...,
+        method: Global___Visualization.ValueType = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        seed: _builtins.int = ...,
+        png: _builtins.bytes = ...,
+        transparency: Global___SaliencyMap | None = ...,
+        target_logit: _builtins.float = ...,
+        target_probability: _builtins.float = ...,
+        cached: _builtins.bool = ...,
+        timings: _abc.Iterable[Global___StageTiming] | None = ...,
+        error: Global___Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model", "transparency", b"transparency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "error", b"error", "method", b"method", "model", b"model", "params", b"params", "png", b"png", "seed", b"seed", "target", b"target", "target_label", b"target_label", "target_logit", b"target_logit", "target_probability", b"target_probability", "timings", b"timings", "transparency", b"transparency"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisualizeClassResponse: _TypeAlias = VisualizeClassResponse  # noqa: Y015
+
+@_typing.final
+class VisualizeClassProgress(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    TARGET_LOGIT_FIELD_NUMBER: _builtins.int
+    PNG_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """Iterations done, of `steps`."""
+    steps: _builtins.int
+    target_logit: _builtins.float
+    """The class score of the current image (for MACO: the mean over its random views)."""
+    png: _builtins.bytes
+    """The current image, 8-bit RGB PNG, every `image_every` steps; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+        steps: _builtins.int = ...,
+        target_logit: _builtins.float = ...,
+        png: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["png", b"png", "step", b"step", "steps", b"steps", "target_logit", b"target_logit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisualizeClassProgress: _TypeAlias = VisualizeClassProgress  # noqa: Y015
+
+@_typing.final
+class VisualizeClassStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___VisualizeClassProgress: ...
+    @_builtins.property
+    def result(self) -> Global___VisualizeClassResponse:
+        """Last message."""
+
+    def __init__(
+        self,
+        *,
+        progress: Global___VisualizeClassProgress | None = ...,
+        result: Global___VisualizeClassResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["part", b"part", "progress", b"progress", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["progress", "result"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___VisualizeClassStreamResponse: _TypeAlias = VisualizeClassStreamResponse  # noqa: Y015
+
+@_typing.final
+class CamLayerInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    GRID_HEIGHT_FIELD_NUMBER: _builtins.int
+    GRID_WIDTH_FIELD_NUMBER: _builtins.int
+    PREFIX_TOKENS_FIELD_NUMBER: _builtins.int
+    CHOSEN_FIELD_NUMBER: _builtins.int
+    HOW_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Module name inside the served (pixel-space) model, e.g. "model.layer4"."""
+    kind: _builtins.str
+    """"spatial": an (N, C, h, w) map; "tokens": patch tokens reshaped to their grid."""
+    grid_height: _builtins.int
+    grid_width: _builtins.int
+    prefix_tokens: _builtins.int
+    """Class and register tokens dropped before the patches (0 for a spatial map)."""
+    chosen: _builtins.str
+    """"found" automatically at archive time, or "given" with --target-layer."""
+    how: _builtins.str
+    """One line: what was chosen and why."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        grid_height: _builtins.int = ...,
+        grid_width: _builtins.int = ...,
+        prefix_tokens: _builtins.int = ...,
+        chosen: _builtins.str = ...,
+        how: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chosen", b"chosen", "grid_height", b"grid_height", "grid_width", b"grid_width", "how", b"how", "kind", b"kind", "name", b"name", "prefix_tokens", b"prefix_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CamLayerInfo: _TypeAlias = CamLayerInfo  # noqa: Y015

@@ -54,6 +54,16 @@ class ExplainServiceStub:
                 request_serializer=saliency_dot_v1_dot_saliency__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=saliency_dot_v1_dot_saliency__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.VisualizeClass = channel.unary_unary(
+                '/saliency.v1.ExplainService/VisualizeClass',
+                request_serializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.SerializeToString,
+                response_deserializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassResponse.FromString,
+                _registered_method=True)
+        self.VisualizeClassStream = channel.unary_stream(
+                '/saliency.v1.ExplainService/VisualizeClassStream',
+                request_serializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.SerializeToString,
+                response_deserializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassStreamResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainServiceServicer:
@@ -89,6 +99,22 @@ class ExplainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VisualizeClass(self, request, context):
+        """The image that maximises a class's score (Simonyan et al. 2013; MACO, Fel et al. 2023),
+        seeded, cached per (model version, class, method, parameters, seed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VisualizeClassStream(self, request, context):
+        """The same, with progress (and every `image_every` steps the current image) as it goes,
+        the result last. Cancelling the call stops the search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +137,16 @@ def add_ExplainServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=saliency_dot_v1_dot_saliency__pb2.GetModelInfoRequest.FromString,
                     response_serializer=saliency_dot_v1_dot_saliency__pb2.ModelInfo.SerializeToString,
+            ),
+            'VisualizeClass': grpc.unary_unary_rpc_method_handler(
+                    servicer.VisualizeClass,
+                    request_deserializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.FromString,
+                    response_serializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassResponse.SerializeToString,
+            ),
+            'VisualizeClassStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.VisualizeClassStream,
+                    request_deserializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.FromString,
+                    response_serializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +257,60 @@ class ExplainService:
             '/saliency.v1.ExplainService/GetModelInfo',
             saliency_dot_v1_dot_saliency__pb2.GetModelInfoRequest.SerializeToString,
             saliency_dot_v1_dot_saliency__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VisualizeClass(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saliency.v1.ExplainService/VisualizeClass',
+            saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.SerializeToString,
+            saliency_dot_v1_dot_saliency__pb2.VisualizeClassResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VisualizeClassStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/saliency.v1.ExplainService/VisualizeClassStream',
+            saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.SerializeToString,
+            saliency_dot_v1_dot_saliency__pb2.VisualizeClassStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,14 @@ class ExplainServiceStub:
     """Labels, input size, and the methods, masks and scores this model can run, with their
     parameters.
     """
+    VisualizeClass: _grpc.UnaryUnaryMultiCallable[_saliency_pb2.VisualizeClassRequest, _saliency_pb2.VisualizeClassResponse]
+    """The image that maximises a class's score (Simonyan et al. 2013; MACO, Fel et al. 2023),
+    seeded, cached per (model version, class, method, parameters, seed).
+    """
+    VisualizeClassStream: _grpc.UnaryStreamMultiCallable[_saliency_pb2.VisualizeClassRequest, _saliency_pb2.VisualizeClassStreamResponse]
+    """The same, with progress (and every `image_every` steps the current image) as it goes,
+    the result last. Cancelling the call stops the search.
+    """
 
 @_typing.type_check_only
 class ExplainServiceAsyncStub(ExplainServiceStub):
@@ -63,6 +71,14 @@ class ExplainServiceAsyncStub(ExplainServiceStub):
     GetModelInfo: _aio.UnaryUnaryMultiCallable[_saliency_pb2.GetModelInfoRequest, _saliency_pb2.ModelInfo]  # type: ignore[assignment]
     """Labels, input size, and the methods, masks and scores this model can run, with their
     parameters.
+    """
+    VisualizeClass: _aio.UnaryUnaryMultiCallable[_saliency_pb2.VisualizeClassRequest, _saliency_pb2.VisualizeClassResponse]  # type: ignore[assignment]
+    """The image that maximises a class's score (Simonyan et al. 2013; MACO, Fel et al. 2023),
+    seeded, cached per (model version, class, method, parameters, seed).
+    """
+    VisualizeClassStream: _aio.UnaryStreamMultiCallable[_saliency_pb2.VisualizeClassRequest, _saliency_pb2.VisualizeClassStreamResponse]  # type: ignore[assignment]
+    """The same, with progress (and every `image_every` steps the current image) as it goes,
+    the result last. Cancelling the call stops the search.
     """
 
 class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -100,6 +116,26 @@ class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_saliency_pb2.ModelInfo, _abc.Awaitable[_saliency_pb2.ModelInfo]]:
         """Labels, input size, and the methods, masks and scores this model can run, with their
         parameters.
+        """
+
+    @_abc_1.abstractmethod
+    def VisualizeClass(
+        self,
+        request: _saliency_pb2.VisualizeClassRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saliency_pb2.VisualizeClassResponse, _abc.Awaitable[_saliency_pb2.VisualizeClassResponse]]:
+        """The image that maximises a class's score (Simonyan et al. 2013; MACO, Fel et al. 2023),
+        seeded, cached per (model version, class, method, parameters, seed).
+        """
+
+    @_abc_1.abstractmethod
+    def VisualizeClassStream(
+        self,
+        request: _saliency_pb2.VisualizeClassRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_saliency_pb2.VisualizeClassStreamResponse], _abc.AsyncIterator[_saliency_pb2.VisualizeClassStreamResponse]]:
+        """The same, with progress (and every `image_every` steps the current image) as it goes,
+        the result last. Cancelling the call stops the search.
         """
 
 def add_ExplainServiceServicer_to_server(servicer: ExplainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
