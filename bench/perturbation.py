@@ -45,6 +45,7 @@ from service.runtime.onnx_forward import OnnxForward, cpu_quota
 
 RESULTS = Path(__file__).resolve().parent / "results" / "perturbation.md"
 FLOOR_BAR = 1.15
+FIXED_COUNT = {"rise": {"tolerance": 0.0}, "sobol": {"tolerance": 0.0}, "occlusion": {"coarse": 1}}
 CAPTUM_BAR = 1.5
 
 
@@ -125,7 +126,10 @@ def run(repeats: int = 5, chunk_size: int = 32, out: Path = RESULTS) -> bool:
 
     def method(name: str) -> Callable[[], object]:
         spec = get_method(name)
-        params = spec.resolve_params(None)
+        # A fixed count of forwards (no early stop, every occlusion window): what the floor
+        # and Captum's exhaustive occlusion are measured against. The cheaper defaults are
+        # bench.fewer_forwards' subject.
+        params = spec.resolve_params(FIXED_COUNT[name])
 
         def call() -> object:
             ctx = ExplainContext(

@@ -6,7 +6,7 @@ import runpy
 import sys
 import time
 
-SUITES = ("quality", "perturbation", "visualize", "speed", "e2e", "chaos", "http")
+SUITES = ("quality", "perturbation", "fewer_forwards", "visualize", "speed", "e2e", "chaos", "http")
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from service.engine.layers import resolve_layer
 from service.engine.modules import device_and_dtype, freeze
 from service.engine.registry import MethodSpec, ResolvedParams, get_method
 from service.engine.targets import TargetSpec, resolve_targets
-from service.engine.types import Attribution, ExplainContext, NumpyForward
+from service.engine.types import Attribution, ExplainContext, NumpyForward, ProgressFn
 from service.protocol.errors import DeadlineExceededError, InvalidInputError, UnsupportedMethodError
 
 DEFAULT_CHUNK_SIZE = 32
@@ -193,6 +193,7 @@ class Engine:
         seed: int = 0,
         deadline: float | None = None,
         cancelled: Callable[[], bool] | None = None,
+        progress: ProgressFn | None = None,
     ) -> Attribution:
         """Saliency maps for a batch.
 
@@ -209,6 +210,8 @@ class Engine:
                 ``DeadlineExceededError``.
             cancelled: polled between chunks; once it returns True the work stops with
                 ``CancelledError``.
+            progress: receives anytime maps of the methods that make them (occlusion's
+                coarse pass, RISE's and Sobol's looks), at most one per 200 ms.
 
         Returns:
             The method's :class:`Attribution`, maps float32 ``(B, H, W)`` on the model's
@@ -234,6 +237,7 @@ class Engine:
             deadline=deadline,
             cancelled=cancelled,
             chunk_size=self.chunk_size,
+            progress=progress,
         )
         ctx.check_deadline()
         with self._autocast(spec):

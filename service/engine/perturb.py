@@ -7,7 +7,7 @@ common lives here so that each method module only says how it perturbs and how i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -154,3 +154,83 @@ def pick(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
 def seed_from(generator: torch.Generator) -> int:
     """A 63-bit seed drawn from the request's generator (its only source of randomness)."""
     return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation of two maps of the same shape, in ``[-1, 1]``.
+
+    Ranks break ties by position (``argsort`` is stable), which is exact for the
+    continuous estimates compared here. Two constant maps agree (``1.0``): nothing is left
+    to rank; one constant map against a varying one does not (``0.0``).
+    """
+    spread_a, spread_b = np.ptp(a), np.ptp(b)
+    if spread_a == 0 or spread_b == 0:
+        return 1.0 if spread_a == spread_b else 0.0
+    ranks = []
+    for values in (a.ravel(), b.ravel()):
+        rank = np.empty(values.size, dtype=np.float64)
+        rank[np.argsort(values, kind="stable")] = np.arange(values.size)
+        ranks.append(rank)
+    return float(np.corrcoef(ranks[0], ranks[1])[0, 1])
+
+
+def doubling(floor: int, ceiling: int) -> list[int]:
+    """Checkpoints ``floor, 2 floor, 4 floor, ..., ceiling`` (a floor above the ceiling is
+    the ceiling): where a sampling method looks at its estimate and may stop."""
+    points, n = [], max(1, min(floor, ceiling))
+    while n < ceiling:
+        points.append(n)
+        n *= 2
+    return [*points, ceiling]
+
+
+def until_stable(
+    checkpoints: Sequence[int],
+    batch: int,
+    tolerance: float,
+    run: Callable[[int, int, np.ndarray], None],
+    estimate: Callable[[int, int], np.ndarray],
+    looked: Callable[[np.ndarray], None] | None = None,
+) -> np.ndarray:
+    """Sample checkpoint by checkpoint until each image's estimate stops changing rank.
+
+    Samples ``lo..hi`` of the images still running go through ``run(lo, hi, images)``;
+    after it, ``estimate(image, hi)`` is that image's estimate from its first ``hi``
+    samples. An image stops once its estimate agrees with the one a checkpoint earlier to
+    a Spearman correlation of at least ``1 - tolerance`` (``tolerance == 0``: never early,
+    every image runs to the last checkpoint). Where the truth is flat (a background the
+    model ignores) ranks stay noisy at any count: the correlation then plateaus below 1,
+    and the ceiling, not the tolerance, ends the work. Each image's stop depends on its own
+    estimates only, so a batch gives every image the map it gets alone.
+
+    ``looked(used)``, when given, is called after every look but the last with the samples
+    each image has used so far (an anytime map can be sent from there).
+
+    Returns:
+        ``(B,)`` int64: how many samples each image used.
+    """
+    used = np.zeros(batch, dtype=np.int64)
+    active: np.ndarray = np.arange(batch)
+    previous: dict[int, np.ndarray] = {}
+    lo = 0
+    for hi in checkpoints:
+        if active.size == 0:
+            break
+        run(lo, hi, active)
+        used[active] = hi
+        running = []
+        for item in active.tolist():
+            current = estimate(item, hi)
+            stable = (
+                tolerance > 0
+                and item in previous
+                and rank_agreement(previous[item], current) >= 1.0 - tolerance
+            )
+            if not stable:
+                previous[item] = current
+                running.append(item)
+        active = np.asarray(running, dtype=np.int64)
+        lo = hi
+        if looked is not None and active.size and hi != checkpoints[-1]:
+            looked(used)
+    return used

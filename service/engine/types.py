@@ -17,6 +17,24 @@ NumpyForward = Callable[[np.ndarray], np.ndarray]
 """Forward-only model: float32 ``(N, C, H, W)`` pixels in ``[0, 1]`` -> ``(N, classes)`` logits."""
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A slow method's maps so far (an anytime map), before its result.
+
+    Attributes:
+        maps: float32 ``(B, H, W)``, the current estimate of every image of the batch, in
+            the units of the final maps.
+        forwards: model rows the call has spent so far, for the whole batch.
+    """
+
+    maps: torch.Tensor
+    forwards: int
+
+
+ProgressFn = Callable[[Progress], None]
+"""Receives a call's :class:`Progress`; called from the thread that runs the method."""
+
+
 @dataclass
 class ExplainContext:
     """Everything a method may use besides the inputs and targets.
@@ -33,6 +51,10 @@ class ExplainContext:
         deadline: ``time.monotonic()`` value after which work must stop, or ``None``.
         cancelled: returns True once the caller has gone away, or ``None``.
         chunk_size: how many perturbed samples go through the model in one pass.
+        progress: receives anytime maps of the slow forward-only methods, or ``None``.
+            Per call, never global: an engine serves concurrent batches, each with its
+            own context (see :meth:`report_progress` for the rate).
+        progress_interval: least seconds between two reports (the first always goes).
     """
 
     model: torch.nn.Module | None
@@ -44,6 +66,31 @@ class ExplainContext:
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
     chunk_size: int = 32
+    progress: ProgressFn | None = None
+    progress_interval: float = 0.2
+    _last_report: float | None = field(default=None, repr=False)
+
+    @property
+    def wants_progress(self) -> bool:
+        """Whether a report now would be sent: methods build a map only then."""
+        if self.progress is None:
+            return False
+        last = self._last_report
+        return last is None or time.monotonic() - last >= self.progress_interval
+
+    def report_progress(self, maps: Callable[[], np.ndarray], forwards: int) -> None:
+        """Send the maps so far, at most one report per ``progress_interval`` seconds.
+
+        Args:
+            maps: builds the float32 ``(B, H, W)`` maps; called only when a report goes.
+            forwards: rows spent so far by the call.
+        """
+        if not self.wants_progress:
+            return
+        assert self.progress is not None
+        self._last_report = time.monotonic()
+        current = torch.from_numpy(np.ascontiguousarray(maps(), dtype=np.float32))
+        self.progress(Progress(maps=current, forwards=forwards))
 
     def check_deadline(self) -> None:
         """Raise once the deadline has passed or the caller cancelled; call between chunks."""

@@ -168,12 +168,20 @@ def test_undecodable_request_bytes_are_invalid_argument(
         assert error.message == f"input '{key}' is not a serialized saliency.v1 message"
 
 
+def slow_sobol(image: bytes) -> pb.ExplainRequest:
+    """Sobol for three classes with a fixed design (``tolerance=0``: no early stop), the
+    ~20 s of work these tests need; the default stops once its map is stable, in seconds."""
+    request = explain_request(image, "sobol", top_k=3)
+    request.methods[0].params["tolerance"] = "0"
+    return request
+
+
 def test_a_stream_that_fails_mid_way_ends_with_its_error(
     watched: Logs, ts_stub: ts_grpc.InferenceAPIsServiceStub, samples
 ) -> None:  # type: ignore[no-untyped-def]
     """Parts sent, then a failing summary: the deadline (given only to the handler, as a
     client of TorchServe's API may) stops Sobol's 20 s of work after the prediction."""
-    request = explain_request(samples[7][0], "sobol", top_k=3)
+    request = slow_sobol(samples[7][0])
     call = ts_stub.StreamPredictions(
         ts_input("request", request.SerializeToString(), stream="true", deadline_unix_ms=in_ms(2)),
         timeout=60,
@@ -188,7 +196,7 @@ def test_streams_whose_deadline_expires_mid_way_leave_the_worker_alive(
     watched: Logs, stub: pb_grpc.ExplainServiceStub, samples
 ) -> None:  # type: ignore[no-untyped-def]
     """Finding 6: a reply written as the call's deadline closed it crashed the worker."""
-    request = explain_request(samples[7][0], "sobol", top_k=3)
+    request = slow_sobol(samples[7][0])
     for timeout in (1.0, 1.6, 2.2):
         with pytest.raises(grpc.RpcError) as expired:
             list(stub.ExplainStream(request, timeout=timeout))
@@ -198,7 +206,7 @@ def test_streams_whose_deadline_expires_mid_way_leave_the_worker_alive(
 def test_a_stream_cancelled_by_its_client_leaves_the_worker_alive(
     watched: Logs, stub: pb_grpc.ExplainServiceStub, samples
 ) -> None:  # type: ignore[no-untyped-def]
-    request = explain_request(samples[7][0], "sobol", top_k=3)
+    request = slow_sobol(samples[7][0])
     for _ in range(2):
         call = stub.ExplainStream(request, timeout=60)
         first = next(call)
@@ -237,7 +245,7 @@ def test_an_invalid_request_batched_with_slow_work_is_answered_at_once(
     before = all_ready(one_batch_torchserve)
     logs = Logs(one_batch_torchserve)
     image = samples[7][0]
-    slow = explain_request(image, "sobol", top_k=3).SerializeToString()
+    slow = slow_sobol(image).SerializeToString()
     invalid = explain_request(image, "occlusion")
     invalid.methods[0].params["stride"] = "0"
     predict = pb.PredictRequest(image=pb.Image(encoded=image)).SerializeToString()
