@@ -32,7 +32,11 @@ def test_every_archive_is_served_under_its_file_name_in_name_order(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("file", "reason"),
-    [("resnet--predict.mar", "forward-only pool"), ("-x.mar", "letter or digit"), ("a b.mar", "")],
+    [
+        ("resnet--predict.mar", "forward-only pool"),
+        ("-x.mar", "letter or digit"),
+        ("a b.mar", "holds only letters"),
+    ],
 )
 def test_a_name_torchserve_or_the_twin_pools_cannot_take_is_refused(
     tmp_path: Path, file: str, reason: str
