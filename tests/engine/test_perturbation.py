@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Occlusion
 
+from service.engine import perturb
 from service.engine.engine import Engine
 from service.engine.errors import (
     DeadlineExceededError,
@@ -139,11 +140,17 @@ class CellSum(torch.nn.Module):
         return torch.stack([logit, torch.zeros_like(logit)], dim=1)
 
 
-def test_sobol_with_its_default_grid_and_designs_recovers_known_indices(
-    tmp_path: Path,
-) -> None:
-    defaults = get_method("sobol").defaults
-    grid = int(defaults["grid_size"])
+def cell_sum_engine(tmp_path: Path, weights: torch.Tensor) -> Engine:
+    """An engine on :class:`CellSum` with these ``(grid, grid)`` weights (``4 grid`` px)."""
+    model = CellSum(weights.float())
+    size = 4 * weights.shape[0]
+    forward = export_onnx(model, tmp_path / "cells.onnx", size)
+    return Engine(model, input_shape=(3, size, size), forward_numpy=forward)
+
+
+def test_sobol_with_the_previous_default_design_recovers_known_indices(tmp_path: Path) -> None:
+    # Grid 8 and 32 designs: the default before issue 13, reachable by these params.
+    grid = 8
     size = 4 * grid
     # Three read cells, 4 cells apart, so that the bicubic upsampling of one index (2 cells
     # of reach) does not touch another's block; influences 1 : 3 : 9.
@@ -151,12 +158,11 @@ def test_sobol_with_its_default_grid_and_designs_recovers_known_indices(
     weights = torch.zeros(grid, grid)
     for cell, w in read.items():
         weights[cell] = w
-    model = CellSum(weights)
-    forward = export_onnx(model, tmp_path / "cells.onnx", size)
-    engine = Engine(model, input_shape=(3, size, size), forward_numpy=forward)
+    engine = cell_sum_engine(tmp_path, weights)
     x = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))
-    # The paper's inpainting, so the answer is closed-form; grid and designs: the defaults.
-    maps = engine.explain(x, [0], "sobol", {"perturbation": "inpainting"}).maps[0].numpy()
+    # The paper's inpainting, so the answer is closed-form.
+    params = {"perturbation": "inpainting", "grid_size": grid, "n_designs": 32}
+    maps = engine.explain(x, [0], "sobol", params).maps[0].numpy()
 
     a = weights.double() * F.avg_pool2d(x.double().mean(dim=1, keepdim=True), 4)[0, 0]
     exact = (a**2 / (a**2).sum()).float()[None, None]
@@ -178,6 +184,35 @@ def test_sobol_with_its_default_grid_and_designs_recovers_known_indices(
     dominant = (5, 3)
     ratio = block(dominant, maps) / block(dominant, expected.numpy())
     assert 0.7 < ratio < 1.3, ratio
+
+
+def test_sobol_default_design_is_jansens_estimate_on_an_additive_model(tmp_path: Path) -> None:
+    # The default's 4 points are too few for the indices themselves (the test above), so
+    # the estimator is checked against its own definition in float64: on f = sum_c a_c m_c,
+    # f(A_j) - f(C_cj) = a_c (A_jc - B_jc) exactly, so Jansen's total index of cell c is
+    # a_c^2 mean_j (A_jc - B_jc)^2 / (2 Var_j f(A_j)) -- coefficient^2 times the design's
+    # spread of the cell, over the output's variance.
+    defaults = get_method("sobol").defaults
+    grid, n = int(defaults["grid_size"]), int(defaults["n_designs"])
+    size, dims = 4 * grid, grid * grid
+    weights = torch.linspace(-2.0, 3.0, dims, dtype=torch.float64).reshape(grid, grid)
+    engine = cell_sum_engine(tmp_path, weights)
+    x = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(5))
+    maps = engine.explain(x, [0], "sobol", {"perturbation": "inpainting"}, seed=11)
+    maps_np = maps.maps[0].numpy().astype(np.float64)
+
+    # The request's design, drawn here from its seed (SobolEngine, as the paper's code).
+    seed = perturb.seed_from(torch.Generator().manual_seed(11))
+    engine_qmc = torch.quasirandom.SobolEngine(2 * dims, scramble=True, seed=seed)
+    a_and_b = engine_qmc.draw(n, dtype=torch.float64).float().double().numpy()
+    design_a, design_b = a_and_b[:, :dims], a_and_b[:, dims:]
+    a = (weights * F.avg_pool2d(x.double().mean(dim=1, keepdim=True), 4)[0, 0]).ravel().numpy()
+    f_a = design_a @ a
+    exact = a**2 * ((design_a - design_b) ** 2).mean(axis=0) / (2.0 * f_a.var(ddof=1))
+    grid_exact = torch.from_numpy(exact.reshape(1, 1, grid, grid))
+    expected = F.interpolate(grid_exact, size=(size, size), mode="bicubic", align_corners=False)
+    # float32 forwards and masks: 1e-3 of the largest index covers their rounding.
+    np.testing.assert_allclose(maps_np, expected[0, 0].numpy(), atol=1e-3 * exact.max(), rtol=0)
 
 
 # --- occlusion == Captum ---------------------------------------------------------------
@@ -268,7 +303,13 @@ def test_rise_puts_the_map_on_the_region_the_logit_reads(region_forward: OnnxFor
 
 def test_sobol_puts_the_mass_of_the_map_on_the_region(region_forward: OnnxForward) -> None:
     maps = explain(
-        "sobol", region_forward, images(1), torch.tensor([0]), n_designs=16, tolerance=0.0
+        "sobol",
+        region_forward,
+        images(1),
+        torch.tensor([0]),
+        grid_size=8,  # the region's 4-px cells (REGION)
+        n_designs=16,
+        tolerance=0.0,
     )
     inside = region_mask()
     mass = np.clip(maps[0], 0.0, None)
@@ -282,7 +323,13 @@ def test_sobol_puts_the_mass_of_the_map_on_the_region(region_forward: OnnxForwar
 
 def test_sobol_blurring_perturbation_also_finds_the_region(region_forward: OnnxForward) -> None:
     maps = explain(
-        "sobol", region_forward, images(1), torch.tensor([0]), n_designs=8, perturbation="blurring"
+        "sobol",
+        region_forward,
+        images(1),
+        torch.tensor([0]),
+        grid_size=8,  # the region's 4-px cells (REGION)
+        n_designs=8,
+        perturbation="blurring",
     )
     inside = region_mask()
     assert maps[0][inside].mean() > 5 * np.abs(maps[0][~inside]).mean()

@@ -12,6 +12,14 @@ which counts the cell's own effect *and* all its interactions with other cells. 
 ``grid_size**2`` indices are upsampled to the input size bicubically, as in the authors'
 code. The sequence comes from ``torch.quasirandom.SobolEngine`` (scrambled, seeded
 from the request's generator) so no SciPy is needed.
+
+The default design is small: a 7 x 7 grid and 4 points, ``4 * (49 + 2) = 204`` forwards
+per image (issue 13: at most 256 at 224 px, where a cell is then 32 px). The previous
+default, ``grid_size=8, n_designs=32`` (2,112 forwards), stays reachable by those params.
+On the quality bench (``bench/results/fewer_forwards.md``, 24 images) the default matched
+it with the bench's seed (pointing game 1.000 against 0.958, deletion AUC 0.0943 against
+0.0951), but 4 points are noisy: other seeds gave 0.917 and 0.875 pointing game and up to
+0.104 deletion AUC. Ask for more ``n_designs`` when a map must not depend on the seed.
 """
 
 from __future__ import annotations
@@ -35,11 +43,22 @@ PARAMS = (
     # call (see cost below). The bounds are the method's own: SobolEngine draws at most
     # 21,201 dimensions (2 * cells: grid 102), and 2**14 designs at the smallest grid is
     # already ~50,000 forwards.
-    Param("grid_size", "int", 8, "cells per side of the grid", minimum=1, maximum=32),
+    #
+    # Grid 7 and 4 designs (4 x 51 = 204 forwards; the paper's grid 8 and 32 designs
+    # spend 2,112): on the quality bench (bench/results/fewer_forwards.md) the pointing game
+    # rose from 0.958 to 1.000 and deletion AUC moved from 0.0951 to 0.0943 with seed 0,
+    # but over seeds 1 and 2 the pointing game was 0.917 and 0.875 and deletion AUC 0.1038
+    # and 0.0951: 4 designs are noisy. Each cell's own index beats more designs on fewer
+    # cells (grid 5 with 8 designs, 216 forwards: 0.875 and 0.1195; grid 6 with 4, 152:
+    # 0.917 and 0.1255) and a coarse first pass that picks the cells to refine (grid 8, 216
+    # to 240 forwards: 0.917 to 1.000 pointing but 0.108 to 0.127 deletion AUC). At 224 px
+    # a cell is 32 px, ResNet's and ViT-B/32's last grid. grid 8, n_designs 32: the
+    # previous default.
+    Param("grid_size", "int", 7, "cells per side of the grid", minimum=1, maximum=32),
     Param(
         "n_designs",
         "int",
-        32,
+        4,
         "most points of each quasi-Monte Carlo matrix (a power of two); all of them when "
         "tolerance is 0",
         minimum=2,
@@ -53,9 +72,10 @@ PARAMS = (
         minimum=2,
         maximum=2**14,
     ),
-    # 0 (no early stop) by default: with 0.1 the quality bench spent 3.3x fewer forwards
-    # but lost 0.04 pointing game and 0.017 deletion AUC (bench/results/fewer_forwards.md),
-    # so early stopping is the user's choice, not a silent default.
+    # 0 (no early stop) by default: with 0.1 (grid 8, 32 designs) the quality bench spent
+    # 3.3x fewer forwards but lost 0.04 pointing game and 0.017 deletion AUC (the run
+    # before issue 13's Sobol default, bench/results/fewer_forwards.md), so early stopping
+    # is the user's choice, not a silent default.
     Param(
         "tolerance",
         "float",
