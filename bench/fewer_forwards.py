@@ -1,9 +1,9 @@
 """Forward-only methods, the fewer-forwards settings against the exhaustive ones, side by side.
 
 Run ``python -m bench.fewer_forwards [--images 24]`` (``make bench`` runs it). In one
-process, for occlusion (coarse to fine against every window), RISE and Sobol (stopping once
-the map's rank order holds against the fixed count of before), on the same images, with
-the forwards counted at the model:
+process, for occlusion (coarse to fine against every window), RISE (stopping once the
+map's rank order holds against the fixed count of before) and Sobol (a 7 x 7 grid and 4
+designs against 8 x 8 and 32), on the same images, with the forwards counted at the model:
 
 * the quality bench's held-out shapes on the default model: forwards per image, seconds
   per image, pointing game, deletion AUC, and the Spearman correlation of each new map
@@ -11,10 +11,13 @@ the forwards counted at the model:
 * the zoo's two-halves models (``tests/engine/two_halves.py``: class ``t`` reads one image
   half only, by construction): the share of the map's positive mass on the class's half,
   and how often the maximum lies there;
-* the forwards each setting costs at most at 224 px (the methods' own ``cost``).
+* the forwards each setting costs at most at 224 px (the methods' own ``cost``);
+* with ``--spread-seeds``, the quality bench again for Sobol with other seeds: its new
+  default's 4 designs are noisy, and one seed's figures would hide it.
 
 Bars (issue 13): at least 4x fewer forwards on the quality bench, pointing game within
-0.02 and deletion AUC within 0.01 of the exhaustive setting. Writes
+0.02 and deletion AUC within 0.01 of the exhaustive setting (one-sided: a higher pointing
+game or a lower deletion AUC is no miss). Writes
 ``bench/results/fewer_forwards.md``; exits 1 when a bar is missed.
 """
 
@@ -48,24 +51,24 @@ METHODS = ("occlusion", "rise", "sobol")
 EXHAUSTIVE: Mapping[str, Mapping[str, object]] = {
     "occlusion": {"coarse": 1},
     "rise": {"n_masks": 1024, "tolerance": 0.0},
-    "sobol": {"n_designs": 32, "tolerance": 0.0},
+    "sobol": {"grid_size": 8, "n_designs": 32, "tolerance": 0.0},
 }
-# The fewer-forwards setting: the defaults for occlusion and RISE; Sobol's early stop is
-# opt-in (it missed the quality bars below, so its default stays the fixed design).
-FEWER: Mapping[str, Mapping[str, object]] = {
-    "occlusion": {},
-    "rise": {},
-    "sobol": {"tolerance": 0.1},
-}
+# The fewer-forwards setting: every method's defaults.
+FEWER: Mapping[str, Mapping[str, object]] = {"occlusion": {}, "rise": {}, "sobol": {}}
 SETTINGS = ("exhaustive", "fewer forwards")
 FEWER_BAR, POINTING_BAR, DELETION_BAR = 4.0, 0.02, 0.01
 CHUNK = 32
 
 
 def explain_counted(
-    forward: NumpyForward, name: str, setting: str, images: np.ndarray, targets: np.ndarray
+    forward: NumpyForward,
+    name: str,
+    setting: str,
+    images: np.ndarray,
+    targets: np.ndarray,
+    seed: int = 0,
 ) -> tuple[np.ndarray, int, float]:
-    """``(maps, forwards, seconds)`` of one method, image by image (seed 0 each)."""
+    """``(maps, forwards, seconds)`` of one method, image by image (``seed`` each)."""
     spec = get_method(name)
     overrides = EXHAUSTIVE[name] if setting == "exhaustive" else FEWER[name]
     params = spec.resolve_params(overrides, images.shape[1:])  # type: ignore[arg-type]
@@ -80,7 +83,7 @@ def explain_counted(
         ctx = ExplainContext(
             model=None,
             forward_numpy=counted,
-            generator=torch.Generator().manual_seed(0),
+            generator=torch.Generator().manual_seed(seed),
             chunk_size=CHUNK,
         )
         x, t = torch.from_numpy(image[None]), torch.tensor([int(target)])
@@ -88,7 +91,7 @@ def explain_counted(
     return np.stack(maps), sum(rows), time.perf_counter() - start
 
 
-def quality_rows(n_images: int) -> tuple[list[str], bool]:
+def quality_rows(n_images: int, spread_seeds: list[int]) -> tuple[list[str], bool]:
     model, meta = load_default_model()
     shape = tuple(meta["input_size"])
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,27 +102,21 @@ def quality_rows(n_images: int) -> tuple[list[str], bool]:
         )
     data = generate(n_images, seed=HELD_OUT_SEED)
     pixels = data.images.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-    labels = data.labels
-    lines = [
-        f"## Quality bench: default model `{meta['name']}`, {n_images} held-out images "
-        f"(seed {HELD_OUT_SEED}), {shape[1]}x{shape[2]} px, target = true class",
-        "",
-        "| method | setting | forwards / image | s / image | pointing game | deletion AUC "
-        "| Spearman with exhaustive | fewer forwards | bars met |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    ok = True
-    for name in METHODS:
+
+    def compared(name: str, seed: int) -> tuple[list[str], bool]:
+        """Both settings of one method with one seed: a table row each, and the bars."""
         results = {}
         for setting in SETTINGS:
-            maps, counted, seconds = explain_counted(forward, name, setting, pixels, labels)
+            maps, counted, seconds = explain_counted(
+                forward, name, setting, pixels, data.labels, seed
+            )
             deletion = compute_scores(
-                forward, pixels, maps, labels, ["deletion_auc"], chunk_size=64
+                forward, pixels, maps, data.labels, ["deletion_auc"], chunk_size=64
             )["deletion_auc"]
             hits = pointing_hits(maps, data.masks[:n_images], TOLERANCE_PX)
             results[setting] = (maps, counted / n_images, seconds / n_images, hits, deletion)
-            print(f"{name} {setting}: {counted / n_images:.0f} forwards", flush=True)
-        base = results["exhaustive"]
+            print(f"{name} {setting} seed {seed}: {counted / n_images:.0f} forwards", flush=True)
+        base, rows, ok = results["exhaustive"], [], True
         for setting in SETTINGS:
             maps, forwards, seconds, hits, deletion = results[setting]
             rho = np.mean(
@@ -130,21 +127,48 @@ def quality_rows(n_images: int) -> tuple[list[str], bool]:
             if setting != "exhaustive":
                 bars = (
                     fewer >= FEWER_BAR,
-                    abs(hits.mean() - base[3].mean()) <= POINTING_BAR,
-                    abs(deletion.mean() - base[4].mean()) <= DELETION_BAR,
+                    hits.mean() >= base[3].mean() - POINTING_BAR,
+                    deletion.mean() <= base[4].mean() + DELETION_BAR,
                 )
-                ok &= all(bars)
+                ok = all(bars)
                 met = " / ".join("yes" if bar else "NO" for bar in bars)
-            lines.append(
-                f"| {name} | {setting} | {forwards:.0f} | {seconds:.3f} | {hits.mean():.3f} "
-                f"| {deletion.mean():.4f} | {rho:.3f} | {fewer:.1f}x | {met} |"
+            rows.append(
+                f"| {name} | {setting} | {seed} | {forwards:.0f} | {seconds:.3f} "
+                f"| {hits.mean():.3f} | {deletion.mean():.4f} | {rho:.3f} | {fewer:.1f}x "
+                f"| {met} |"
             )
-    lines += [
-        "",
-        f"Bars met: >= {FEWER_BAR:.0f}x fewer forwards / pointing game within "
-        f"{POINTING_BAR} / deletion AUC within {DELETION_BAR} of the exhaustive setting.",
-        "",
+        return rows, ok
+
+    header = [
+        "| method | setting | seed | forwards / image | s / image | pointing game "
+        "| deletion AUC | Spearman with exhaustive | fewer forwards | bars met |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    lines = [
+        f"## Quality bench: default model `{meta['name']}`, {n_images} held-out images "
+        f"(seed {HELD_OUT_SEED}), {shape[1]}x{shape[2]} px, target = true class",
+        "",
+        *header,
+    ]
+    ok = True
+    for name in METHODS:
+        rows, met = compared(name, 0)
+        lines += rows
+        ok &= met
+    bars = (
+        f"Bars met: >= {FEWER_BAR:.0f}x fewer forwards / pointing game at most {POINTING_BAR} "
+        f"lower / deletion AUC at most {DELETION_BAR} higher than the exhaustive setting."
+    )
+    lines += ["", bars, ""]
+    if spread_seeds:
+        # Reported, not a bar: the bars are judged with seed 0 as before issue 13.
+        lines += [
+            "### Sobol with other seeds (the same images; both settings per seed)",
+            "",
+            *header,
+            *(row for seed in spread_seeds for row in compared("sobol", seed)[0]),
+            "",
+        ]
     return lines, ok
 
 
@@ -207,21 +231,24 @@ def cost_rows(size: int = 224) -> list[str]:
     return [*lines, ""]
 
 
-def run(n_images: int, halves_images: int, models: list[str], out: Path) -> bool:
+def run(
+    n_images: int, halves_images: int, models: list[str], spread_seeds: list[int], out: Path
+) -> bool:
     torch.set_num_threads(cpu_quota())
     start = time.perf_counter()
-    quality, ok = quality_rows(n_images)
+    quality, ok = quality_rows(n_images, spread_seeds)
     halves = two_halves_rows(halves_images, models)
     lines = [
         "# Fewer forwards: forward-only methods, fewer-forwards settings against exhaustive ones",
         "",
         f"Generated by `python -m bench.fewer_forwards --images {n_images} --halves-images "
-        f"{halves_images} --halves-models {','.join(models)}` on "
+        f"{halves_images} --halves-models {','.join(models)}"
+        f"{' --spread-seeds ' + ','.join(map(str, spread_seeds)) if spread_seeds else ''}` on "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {cpu_model()}, "
         f"{cpu_quota()} usable cores, chunk {CHUNK}, seed 0 per image. Exhaustive = the "
         "defaults before issue 13 (occlusion `coarse=1`; RISE `n_masks=1024, tolerance=0`; "
-        "Sobol `n_designs=32, tolerance=0`); both settings run in this one process on the "
-        "same images.",
+        "Sobol `grid_size=8, n_designs=32, tolerance=0`); fewer forwards = today's defaults. "
+        "Both settings run in this one process on the same images.",
         "",
         *quality,
         *halves,
@@ -240,10 +267,13 @@ def main(argv: list[str] | None = None) -> int:
     # One architecture by default: eager torch at 64 px took 4 minutes for ResNet-18 and
     # over 15 for EfficientNet-B0 (both settings, 2 loaded cores); any zoo name may be added.
     parser.add_argument("--halves-models", default="resnet18")
+    # Off by default: each seed reruns Sobol's 2,112-forward setting (~2.5 min here).
+    parser.add_argument("--spread-seeds", default="", help="e.g. 1,2: Sobol again, per seed")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     models = args.halves_models.split(",")
-    return 0 if run(args.images, args.halves_images, models, args.out) else 1
+    seeds = [int(seed) for seed in args.spread_seeds.split(",") if seed]
+    return 0 if run(args.images, args.halves_images, models, seeds, args.out) else 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from service.runtime.onnx_forward import OnnxForward
 from tests.engine.test_perturbation import (  # noqa: F401 (fixtures)
     REGION,
     SIZE,
+    SOBOL_GRID,
     explain,
     grown_region,
     images,
@@ -174,7 +175,7 @@ def test_stopping_saves_forwards_and_keeps_the_full_counts_map(
     sizes = {"rise": ("n_masks", "min_masks"), "sobol": ("n_designs", "min_designs")}[name]
     params: dict[str, Any] = {sizes[0]: ceiling, sizes[1]: floor}
     if name == "sobol":
-        params["grid_size"] = 8  # the region's 4-px cells
+        params.update(SOBOL_GRID)
     if name == "rise":
         params["substrate"] = "zero"  # the region model sums pixels (test_perturbation)
     x, target = images(1, seed=2), torch.tensor([0])
@@ -206,15 +207,15 @@ def test_a_stopped_sobol_map_is_the_fixed_design_of_that_size(
     x, target = images(1, seed=2), torch.tensor([0])
     rows: list[int] = []
     params: dict[str, Any] = {
-        "grid_size": 8, "n_designs": 256, "min_designs": 4, "tolerance": 0.1,
+        **SOBOL_GRID, "n_designs": 256, "min_designs": 4, "tolerance": 0.1,
         "perturbation": "inpainting",
     }  # fmt: skip
     stopped = explain("sobol", counting(region_forward, rows), x, target, **params, seed=1)
     used = sum(rows) // (8 * 8 + 2)
     assert used < 256
     fixed = explain(
-        "sobol", region_forward, x, target, grid_size=8, n_designs=used, tolerance=0.0,
-        perturbation="inpainting", seed=1,
+        "sobol", region_forward, x, target, n_designs=used, tolerance=0.0,
+        perturbation="inpainting", seed=1, **SOBOL_GRID,
     )  # fmt: skip
     np.testing.assert_allclose(stopped, fixed, rtol=1e-5, atol=1e-7)
 

@@ -31,6 +31,7 @@ from tests.engine.nets import export_onnx
 
 SIZE = 32
 REGION = (slice(8, 20), slice(12, 24))  # aligned to the 4-px cells of an 8x8 grid
+SOBOL_GRID = {"grid_size": 8}  # Sobol's cells on REGION's (its default grid is 7)
 # From the registry: every forward-only method keeps this file's contract (LIME and
 # KernelSHAP are checked against Captum in test_lime_kernel_shap.py).
 PERTURBATION_METHODS = tuple(spec.name for spec in iter_methods("onnx"))
@@ -302,15 +303,8 @@ def test_rise_puts_the_map_on_the_region_the_logit_reads(region_forward: OnnxFor
 
 
 def test_sobol_puts_the_mass_of_the_map_on_the_region(region_forward: OnnxForward) -> None:
-    maps = explain(
-        "sobol",
-        region_forward,
-        images(1),
-        torch.tensor([0]),
-        grid_size=8,  # the region's 4-px cells (REGION)
-        n_designs=16,
-        tolerance=0.0,
-    )
+    x, target = images(1), torch.tensor([0])
+    maps = explain("sobol", region_forward, x, target, n_designs=16, tolerance=0.0, **SOBOL_GRID)
     inside = region_mask()
     mass = np.clip(maps[0], 0.0, None)
     # Bicubic upsampling of the 8x8 indices spills a little over the region's border.
@@ -327,9 +321,9 @@ def test_sobol_blurring_perturbation_also_finds_the_region(region_forward: OnnxF
         region_forward,
         images(1),
         torch.tensor([0]),
-        grid_size=8,  # the region's 4-px cells (REGION)
         n_designs=8,
         perturbation="blurring",
+        **SOBOL_GRID,
     )
     inside = region_mask()
     assert maps[0][inside].mean() > 5 * np.abs(maps[0][~inside]).mean()

@@ -16,10 +16,11 @@ from the request's generator) so no SciPy is needed.
 The default design is small: a 7 x 7 grid and 4 points, ``4 * (49 + 2) = 204`` forwards
 per image (issue 13: at most 256 at 224 px, where a cell is then 32 px). The previous
 default, ``grid_size=8, n_designs=32`` (2,112 forwards), stays reachable by those params.
-On the quality bench (``bench/results/fewer_forwards.md``, 24 images) the default matched
-it with the bench's seed (pointing game 1.000 against 0.958, deletion AUC 0.0943 against
-0.0951), but 4 points are noisy: other seeds gave 0.917 and 0.875 pointing game and up to
-0.104 deletion AUC. Ask for more ``n_designs`` when a map must not depend on the seed.
+On the quality bench (``bench/results/fewer_forwards.md``, 24 images, three seeds) the
+default's pointing game was 1.000, 0.958 and 0.958 against the previous default's 0.958,
+0.958 and 0.917, and its deletion AUC 0.0943, 0.1066 and 0.1000 against 0.0951, 0.0953 and
+0.0870 (lower is better): 4 points are noisy, and deletion AUC is up to 0.013 worse. Ask
+for more ``n_designs`` when a map must not depend on the seed.
 """
 
 from __future__ import annotations
@@ -44,16 +45,15 @@ PARAMS = (
     # 21,201 dimensions (2 * cells: grid 102), and 2**14 designs at the smallest grid is
     # already ~50,000 forwards.
     #
-    # Grid 7 and 4 designs (4 x 51 = 204 forwards; the paper's grid 8 and 32 designs
-    # spend 2,112): on the quality bench (bench/results/fewer_forwards.md) the pointing game
-    # rose from 0.958 to 1.000 and deletion AUC moved from 0.0951 to 0.0943 with seed 0,
-    # but over seeds 1 and 2 the pointing game was 0.917 and 0.875 and deletion AUC 0.1038
-    # and 0.0951: 4 designs are noisy. Each cell's own index beats more designs on fewer
-    # cells (grid 5 with 8 designs, 216 forwards: 0.875 and 0.1195; grid 6 with 4, 152:
-    # 0.917 and 0.1255) and a coarse first pass that picks the cells to refine (grid 8, 216
-    # to 240 forwards: 0.917 to 1.000 pointing but 0.108 to 0.127 deletion AUC). At 224 px
-    # a cell is 32 px, ResNet's and ViT-B/32's last grid. grid 8, n_designs 32: the
-    # previous default.
+    # Grid 7 and 4 designs (4 x 51 = 204 forwards; grid 8 and 32 designs spent 2,112): on
+    # the quality bench (bench/results/fewer_forwards.md) the same or a better pointing
+    # game over three seeds, deletion AUC 0.001 better to 0.013 worse. A cell's own index
+    # beat more designs on fewer cells (grid 5 with 8 designs, 216 forwards: pointing game
+    # 0.875, deletion AUC 0.1195; grid 6 with 4, 152: 0.917 and 0.1255) and a coarse first
+    # pass picking the cells to refine on grid 8 (216 to 240 forwards: 0.917 to 1.000 but
+    # 0.108 to 0.127), all with seed 0. At 224 px a cell is 32 px, ResNet's and ViT-B/32's
+    # last grid (candidates: the screen at the end of that file). grid 8, n_designs 32:
+    # the previous default.
     Param("grid_size", "int", 7, "cells per side of the grid", minimum=1, maximum=32),
     Param(
         "n_designs",
