@@ -51,7 +51,13 @@ def test_serve_restarts_a_dead_torchserve_and_drains_on_sigterm(
             answers: list[object] = []
             slow = threading.Thread(
                 target=lambda: answers.append(
-                    client.explain(data, methods=["sobol"], top_k=1, timeout=120)
+                    # The design before issue 13: still running a second from now.
+                    client.explain(
+                        data,
+                        methods=[("sobol", {"grid_size": 8, "n_designs": 32})],
+                        top_k=1,
+                        timeout=120,
+                    )
                 )
             )
             slow.start()
