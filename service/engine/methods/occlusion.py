@@ -48,8 +48,10 @@ PARAMS = (
     # the model sees pixels in [0, 1], and a value far outside makes its logits overflow
     # into a NaN map.
     Param("baseline", "float", 0.5, "value written into the window", minimum=0.0, maximum=1.0),
-    # 4 and 0.15: on the quality bench, 5.1x fewer forwards than every window at the same
-    # pointing game, deletion AUC 0.027 worse (bench/results/fewer_forwards.md).
+    # 4 and 0.2: on the quality bench, 4.1x fewer forwards than every window at the same
+    # pointing game and a better deletion AUC (0.1078 against 0.1149); refining 0.15 (5.1x)
+    # left parts of objects to the coarse map and lost 0.027 deletion AUC, and a coarse
+    # factor of 3 with 0.15 (0.0870) spent 3.8x fewer (bench/results/fewer_forwards.md).
     Param(
         "coarse",
         "int",
@@ -61,7 +63,7 @@ PARAMS = (
     Param(
         "refine",
         "float",
-        0.15,
+        0.2,
         "fraction of the fine windows run after the coarse pass, those it rates highest; "
         "1 runs every window",
         minimum=0.0,
