@@ -18,7 +18,7 @@ token="...")`` (add ``client_cert`` and ``client_key`` for mutual TLS).
 """
 
 from service.client.aio import AsyncSaliencyClient
-from service.client.anytime import LatestMaps, map_key
+from service.client.anytime import LatestMaps, collect_stream, map_key
 from service.client.decode import decode_map, decode_mask, decode_rgb
 from service.client.messages import (
     MethodArg,
@@ -36,6 +36,7 @@ __all__ = [
     "LatestMaps",
     "MethodArg",
     "SaliencyClient",
+    "collect_stream",
     "decode_map",
     "decode_mask",
     "decode_rgb",

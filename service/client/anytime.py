@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
@@ -65,3 +65,38 @@ class LatestMaps(Mapping[MapKey, "pb.Refinement | pb.Explanation"]):
 
     def __len__(self) -> int:
         return len(self._latest)
+
+
+def collect_stream(
+    parts: Iterable[pb.ExplainStreamResponse],
+    on_refinement: Callable[[pb.Refinement], None] | None = None,
+) -> pb.ExplainResponse:
+    """The response a stream's parts add up to: what ``Explain`` returns for the request.
+
+    Args:
+        parts: an ``explain_stream`` call, read to its end.
+        on_refinement: called with each refinement as it arrives (a progress line, a
+            redrawn map); refinements are not part of the response.
+
+    Returns:
+        Predictions, every explanation (those the parts showed, with their scores, then
+        those only the summary carries) and the summary's timings.
+    """
+    response = pb.ExplainResponse()
+    for part in parts:
+        kind = part.WhichOneof("part")
+        if kind == "prediction":
+            response.model.CopyFrom(part.prediction.model)
+            response.predictions.extend(part.prediction.predictions)
+        elif kind == "refinement" and on_refinement is not None:
+            on_refinement(part.refinement)
+        elif kind == "explanation":
+            response.explanations.append(part.explanation)
+        elif kind == "scores":
+            shown = response.explanations[part.scores.explanation_index]
+            shown.scores.extend(part.scores.scores)
+        elif kind == "summary":
+            response.explanations.extend(part.summary.explanations)
+            response.timings.extend(part.summary.timings)
+            response.error.CopyFrom(part.summary.error)
+    return response

@@ -1,0 +1,57 @@
+"""LatestMaps: the newest map per explanation, the explanation's once it came."""
+
+from __future__ import annotations
+
+from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client import LatestMaps, map_key
+from service.protocol.events import EventKind, stream_part
+from service.protocol.names import METHODS
+
+OCCLUSION = METHODS.number("occlusion")
+RISE = METHODS.number("rise")
+
+
+def refinement(method: int, target: int, forwards: int, **params: str) -> pb.ExplainStreamResponse:
+    message = pb.Refinement(method=method, target=target, forwards=forwards, params=params)  # type: ignore[arg-type]
+    return stream_part(EventKind.REFINEMENT, message)
+
+
+def explanation(method: int, target: int, **params: str) -> pb.ExplainStreamResponse:
+    message = pb.Explanation(method=method, target=target, params=params)  # type: ignore[arg-type]
+    return stream_part(EventKind.EXPLANATION, message)
+
+
+def test_the_newest_map_of_each_key_wins_and_the_explanation_is_final() -> None:
+    maps = LatestMaps()
+    parts = [
+        stream_part(EventKind.PREDICTION, pb.PredictResponse()),
+        refinement(RISE, 1, 32, n_masks="256"),
+        refinement(RISE, 2, 32, n_masks="256"),  # another target: another key
+        refinement(RISE, 1, 64, n_masks="256"),
+        refinement(OCCLUSION, 1, 17),
+        explanation(RISE, 1, n_masks="256"),
+        stream_part(EventKind.SCORES, pb.ScoreUpdate()),
+        refinement(RISE, 1, 128, n_masks="256"),  # after its explanation: ignored
+    ]
+    changed = [maps.update(part) for part in parts]
+    rise_1 = (RISE, 1, (("n_masks", "256"),))
+    assert changed == [
+        None,
+        rise_1,
+        (RISE, 2, (("n_masks", "256"),)),
+        rise_1,
+        (OCCLUSION, 1, ()),
+        rise_1,
+        None,
+        None,
+    ]
+    assert len(maps) == 3 and list(maps) == [rise_1, changed[2], changed[4]]
+    assert isinstance(maps[rise_1], pb.Explanation) and maps.final(rise_1)
+    assert maps[changed[2]].forwards == 32 and not maps.final(changed[2])  # type: ignore[union-attr]
+
+
+def test_a_refinement_and_its_explanation_share_a_key_whatever_the_params_order() -> None:
+    first = pb.Refinement(method=RISE, target=3, params={"a": "1", "b": "2"})  # type: ignore[arg-type]
+    second = pb.Explanation(method=RISE, target=3, params={"b": "2", "a": "1"})  # type: ignore[arg-type]
+    assert map_key(first) == map_key(second)
+    assert map_key(first) != map_key(pb.Explanation(method=RISE, target=3, params={"a": "2"}))  # type: ignore[arg-type]
