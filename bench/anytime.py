@@ -8,7 +8,7 @@ them, alternated call by call (so that machine load falls on both alike), the un
 ``Explain`` of the same request, which builds no anytime map. The encoding overhead is
 the ``refine`` stage the worker reports (resizing and encoding the maps that went out),
 as a share of the method's own ``explain`` stage. ``--zoo NAME`` serves a full-size
-zoo model (224 px, random weights: only the time matters) instead of the default model.
+zoo model (224 px, random weights, archived as ``bench.zoo`` does) instead.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ import argparse
 import datetime as dt
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from bench import zoo
 from bench.e2e.load import make_requests
 from bench.machine import cpu_model, exit_code, parse_suite_args, write_report
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
-from service.archive import BatchConfig, build_archive, build_default_archive
+from service.archive import BatchConfig, build_default_archive
 from service.client.messages import CHANNEL_OPTIONS
 from service.protocol.names import METHODS
 from service.stack import running_stack
@@ -119,28 +119,6 @@ def measure(address: str, requests: list[pb.ExplainRequest], repeats: int) -> tu
     return rows, worst
 
 
-def zoo_store(name: str, store: Path, say: list[str]) -> tuple[dict[str, str], int]:
-    """A full-size zoo model's archive in ``store`` (random weights), and its input side."""
-    from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, eager_spec
-
-    side, labels = 224, [f"class_{i}" for i in range(1000)]
-    mar = build_archive(
-        name=name,
-        eager=eager_spec(name, "full", len(labels), side),
-        exported=None,
-        labels=labels,
-        input_size=(3, side, side),
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        target_layer=None,
-        out_dir=store,
-        batch=BatchConfig(workers=1),
-        say=say.append,
-    )
-    assert zipfile.is_zipfile(mar)
-    return {name: mar.name}, side
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12)
@@ -148,14 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     args, code = parse_suite_args(parser, "bench.anytime", RESULTS, argv)
     if code is not None:
         return code
-    say: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-anytime-") as tmp:
-        store = Path(tmp)
-        if args.zoo:
-            models, side = zoo_store(args.zoo, store, say)
+        if args.zoo:  # random weights: only the time matters
+            mar = zoo.full_archive(args.zoo, [])
+            store, models, side = mar.parent, {args.zoo: mar.name}, zoo.SIDE
         else:
+            store, models, side = Path(tmp), {"shapes": "shapes.mar"}, 128
             build_default_archive(store, batch=BatchConfig())
-            models, side = {"shapes": "shapes.mar"}, 128
         requests = make_requests(8, side)
         for request in requests:
             request.model = next(iter(models))
