@@ -69,8 +69,8 @@ def unary(stub: pb_grpc.ExplainServiceStub, request: pb.ExplainRequest) -> float
     return time.perf_counter() - start
 
 
-def ms(values: list[float]) -> str:
-    return f"{1000 * float(np.median(values)):.0f}" if values else "-"
+def ms(values: list[float], digits: int = 0) -> str:
+    return f"{1000 * float(np.median(values)):.{digits}f}" if values else "-"
 
 
 def row(method: str, calls: list[tuple[dict[str, float], float]]) -> tuple[str, int]:
@@ -87,7 +87,7 @@ def row(method: str, calls: list[tuple[dict[str, float], float]]) -> tuple[str, 
         ms([s["final"] for s in streams]),
         ms([u for _, u in calls]),
         f"{np.mean([s['refinements'] for s in streams]):.1f}",
-        f"{ms([s['refine'] for s in streams])} ({share:.1f} %)",
+        f"{ms([s['refine'] for s in streams], 1)} ({share:.1f} %)",
         str(len(streams) - len(got)),
     ]
     return "| " + " | ".join(cells) + " |", first_forwards if got else 10**9
