@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.client import LatestMaps, map_key
+from service.client import LatestMaps, collect_stream, map_key
 from service.protocol.events import EventKind, stream_part
 from service.protocol.names import METHODS
 
@@ -55,3 +55,30 @@ def test_a_refinement_and_its_explanation_share_a_key_whatever_the_params_order(
     second = pb.Explanation(method=RISE, target=3, params={"b": "2", "a": "1"})  # type: ignore[arg-type]
     assert map_key(first) == map_key(second)
     assert map_key(first) != map_key(pb.Explanation(method=RISE, target=3, params={"a": "2"}))  # type: ignore[arg-type]
+
+
+def test_collect_stream_adds_the_parts_up_to_the_unary_response() -> None:
+    """Shown explanations get their scores by index; those only the summary carries (a
+    frozen stream) follow; refinements go to the callback only."""
+    seen: list[int] = []
+    score = pb.ScoreValue(score=1, value=0.25)  # type: ignore[arg-type]
+    parts = [
+        stream_part(EventKind.PREDICTION, pb.PredictResponse(predictions=[pb.Prediction(index=4)])),
+        refinement(RISE, 4, 32),
+        explanation(RISE, 4),
+        stream_part(EventKind.SCORES, pb.ScoreUpdate(explanation_index=0, scores=[score])),
+        stream_part(
+            EventKind.DONE,
+            pb.ExplainResponse(
+                explanations=[pb.Explanation(method=OCCLUSION, target=4)],  # type: ignore[arg-type]
+                timings=[pb.StageTiming(stage="total", seconds=1.0)],
+            ),
+        ),
+    ]
+    response = collect_stream(parts, on_refinement=lambda r: seen.append(r.forwards))
+    assert seen == [32]
+    assert [p.index for p in response.predictions] == [4]
+    assert [(e.method, e.target) for e in response.explanations] == [(RISE, 4), (OCCLUSION, 4)]
+    assert list(response.explanations[0].scores) == [score]
+    assert not response.explanations[1].scores
+    assert [t.stage for t in response.timings] == ["total"] and not response.error.code
