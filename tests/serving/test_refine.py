@@ -34,7 +34,7 @@ PICTURE = np.random.default_rng(5).integers(0, 255, (32, 32, 3), dtype=np.uint8)
 # Fine windows 8 px every 4 (7 x 7 = 49); coarse ones 16 px every 8: 3 x 3 = 9.
 OCCLUSION = {"window": "8", "stride": "4", "coarse": "2"}
 COARSE_FORWARDS = 1 + 9  # the unoccluded image, then every coarse window
-TOTAL_FORWARDS = 1 + 9 + 8  # and the best ceil(0.15 * 49) = 8 fine windows
+TOTAL_FORWARDS = 1 + 9 + 10  # and the best ceil(0.2 * 49) = 10 fine windows (the default refine)
 
 
 def occlusion_request(**fields: object) -> pb.ExplainRequest:
