@@ -9,6 +9,7 @@ Inputs (one key per request; TorchServe gRPC ``input`` map or HTTP form fields):
     visualize    serialized ``VisualizeClassRequest`` -> serialized ``VisualizeClassResponse``
                  (with ``stream`` = "true": ``VisualizeClassStreamResponse`` parts, the
                  progress first, the result last)
+    concepts     serialized ``GetConceptsRequest`` -> serialized ``GetConceptsResponse``
     data / body  image bytes -> JSON: predictions, base64 PNG maps and masks; optional keys
                  ``methods`` (comma-separated registry names), ``top_k``, ``mask``
     stream       "true" on ``StreamPredictions``; "false" says the call is unary, and lets
@@ -43,12 +44,14 @@ from google.protobuf import json_format
 from handlers import inputs
 from handlers.outbox import Outbox, Reply, Slot
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.engine.concepts import ConceptBank
 from service.protocol.errors import INTERNAL_MESSAGE
 from service.protocol.events import EventKind, stream_part
 from service.protocol.limits import Limits
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
+from service.serving.concepts import ConceptServer
 from service.serving.pipeline import Explainer, Job
 from service.serving.visualize import Visualizer
 
@@ -114,7 +117,8 @@ class SaliencyHandler:
             precision=worker_precision(model_config),
         )
         limits = Limits.from_env()
-        self.explainer = Explainer(bundle, limits)
+        concepts = ConceptServer(bundle, ConceptBank.read(Path(props["model_dir"])), limits)
+        self.explainer = Explainer(bundle, limits, concepts)
         self.visualizer = Visualizer(bundle, limits)
         self.longest_work_s = longest_work_s(model_config)
         self.initialized = True
@@ -144,6 +148,9 @@ class SaliencyHandler:
                 kind, message = inputs.parse(item)
                 if kind == "model_info":
                     replies[index] = self.explainer.model_info().SerializeToString()
+                elif kind == "concepts":
+                    catalog = self.explainer.concepts.catalog(message)
+                    replies[index] = catalog.SerializeToString()
                 elif kind == "predict":
                     predicts.append((index, message))
                 elif kind == "visualize":

@@ -18,6 +18,7 @@ from service.client.aio import AsyncSaliencyClient
 from service.client.decode import decode_map, decode_mask, decode_rgb
 from service.client.messages import (
     MethodArg,
+    concepts_request,
     domain_error,
     explain_request,
     predict_request,
@@ -31,6 +32,7 @@ __all__ = [
     "AsyncSaliencyClient",
     "MethodArg",
     "SaliencyClient",
+    "concepts_request",
     "decode_map",
     "decode_mask",
     "decode_rgb",

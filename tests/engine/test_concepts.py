@@ -111,7 +111,7 @@ def test_the_only_concept_the_head_reads_gets_all_the_importance() -> None:
     image = _red_left_green_right()
     for target in (0, 1):
         found = explain_concepts(model, model.layer, image, target, BANK, top=3, n_designs=64)
-        assert [c.concept for c in found][0] == 0
+        assert found[0].concept == 0
         assert found[0].importance == pytest.approx(1.0, abs=0.05)
         assert all(abs(c.importance) < 1e-9 for c in found[1:])
     maps = {c.concept: c.map for c in found}
@@ -162,9 +162,12 @@ def test_hooks_are_removed_on_success_and_on_failure() -> None:
         explain_concepts(model, model.layer, image, 0, BANK, top=1, n_designs=8, check=late)
     assert not model.layer._forward_hooks
 
-    with pytest.raises(UnsupportedMethodError, match="cannot be replaced"):
-        with replaced_output(model.layer, torch.zeros(1, 12, 2, 2)):
-            model(image)
+    wrong = torch.zeros(1, 12, 2, 2)
+    with (
+        pytest.raises(UnsupportedMethodError, match="cannot be replaced"),
+        replaced_output(model.layer, wrong),
+    ):
+        model(image)
     assert not model.layer._forward_hooks
 
 
@@ -179,9 +182,7 @@ def test_a_bank_of_other_width_is_refused_before_the_design_runs() -> None:
     handle = model.layer.register_forward_hook(counting)
     try:
         with pytest.raises(UnsupportedMethodError, match="channels"):
-            explain_concepts(
-                model, model.layer, _red_left_green_right(), 0, np.ones((2, 5)), top=1
-            )
+            explain_concepts(model, model.layer, _red_left_green_right(), 0, np.ones((2, 5)), top=1)
     finally:
         handle.remove()
     assert calls == 1  # the one forward that read the activations, no design forward

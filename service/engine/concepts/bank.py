@@ -144,7 +144,11 @@ def random_crops(
 
 @torch.no_grad()
 def crop_activations(
-    model: nn.Module, layer: nn.Module, crops: np.ndarray, batch: int = 64, check: Check | None = None
+    model: nn.Module,
+    layer: nn.Module,
+    crops: np.ndarray,
+    batch: int = 64,
+    check: Check | None = None,
 ) -> np.ndarray:
     """Spatially averaged, non-negative activations of ``layer``: ``(n, channels)`` float64.
 
@@ -178,7 +182,7 @@ def build_bank(
     k: int = 8,
     crops_per_image: int = 8,
     crop_fraction: float = 0.5,
-    typical: int = 4,
+    typical: int = 3,
     thumbnail: int = 64,
     seed: int = 0,
     source: str = "",
@@ -217,6 +221,8 @@ def build_bank(
         activations = crop_activations(model, modules[layer_name], crops, check=check)
         u, w = fit_concepts(activations, min(k, *activations.shape), seed)
         best = np.argsort(-u, axis=0, kind="stable")[:typical]  # (typical, k)
-        pngs = tuple(tuple(_png(crops[i], thumbnail) for i in best[:, c]) for c in range(w.shape[0]))
+        pngs = tuple(
+            tuple(_png(crops[i], thumbnail) for i in best[:, c]) for c in range(w.shape[0])
+        )
         classes[label] = ClassConcepts(w.astype(np.float32), pngs)
     return ConceptBank(layer_name, k, crop_size, seed, classes, source)

@@ -98,7 +98,7 @@ def layer_activations(model: nn.Module, layer: nn.Module, image: torch.Tensor) -
         raise UnsupportedMethodError(
             f"concepts need a spatial (N, C, h, w) layer; this one outputs {tuple(out.shape)}"
         )
-    return out[0].clamp_min(0).permute(1, 2, 0).double().numpy()
+    return out[0].clamp_min(0).permute(1, 2, 0).double().cpu().numpy()
 
 
 def model_score(model: nn.Module, layer: nn.Module, image: torch.Tensor, target: int) -> Score:
@@ -107,9 +107,10 @@ def model_score(model: nn.Module, layer: nn.Module, image: torch.Tensor, target:
     @torch.no_grad()
     def score(activations: np.ndarray) -> np.ndarray:
         rebuilt = torch.from_numpy(np.ascontiguousarray(activations, dtype=np.float32))
+        rebuilt = rebuilt.to(image.device)
         with replaced_output(layer, rebuilt):
             logits = model(image.expand(rebuilt.shape[0], -1, -1, -1))
-        return logits[:, target].double().numpy()
+        return logits[:, target].double().cpu().numpy()
 
     return score
 
@@ -192,12 +193,14 @@ def explain_concepts(
     height, width = image.shape[2:]
     return [
         ConceptAttribution(
-            int(i),
-            float(importance[i]),
-            cv2.resize(
-                coefficients[..., i].astype(np.float32), (width, height),
-                interpolation=cv2.INTER_LINEAR,
-            ),
-        )  # fmt: skip
+            int(i), float(importance[i]), _upsampled(coefficients[..., i], height, width)
+        )
         for i in order
     ]
+
+
+def _upsampled(coefficient: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear, as the CAM maps are: one cell of the layer spreads over its pixels."""
+    return cv2.resize(
+        coefficient.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR
+    )
