@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -15,6 +17,7 @@ from PIL import Image
 
 from service.cli import main
 from service.client import AsyncSaliencyClient, SaliencyClient, decode_map
+from service.engine.concepts import ConceptBank
 from service.models.synthetic import CLASS_NAMES, generate
 from tests.integration.conftest import RunningGateway
 
@@ -96,3 +99,32 @@ def test_the_cli_writes_concept_maps_and_crops(
     assert main([*argv, "--address", gateway.address]) == 0
     crops = list((tmp_path / "crops" / f"1_{CLASS_NAMES[1]}").glob("*.png"))
     assert len(crops) == K * 3
+
+
+def test_the_cli_adds_a_bank_from_a_folder_to_an_archive(
+    model_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mar = tmp_path / "copy.mar"
+    shutil.copyfile(model_store / "shapes.mar", mar)
+    batch = generate(20, 11)
+    for label in (0, 4):
+        folder = tmp_path / "images" / CLASS_NAMES[label]
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(batch.labels == label):
+            (folder / f"{i}.png").write_bytes(png_bytes(batch.images[i]))
+    argv = ["concepts", "--archive", str(mar), "--images", str(tmp_path / "images")]
+    assert main([*argv, "--k", "3", "--crops", "4"]) == 0
+    assert "2 classes x 3 concepts" in capsys.readouterr().out
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(tmp_path / "unpacked")
+        names = set(archive.namelist())
+    assert {"model.json", "model.onnx", "concepts.npz", "concepts.json"} <= names
+    bank = ConceptBank.read(tmp_path / "unpacked")
+    assert bank is not None and sorted(bank.classes) == [0, 4] and bank.k == 3
+    assert bank.source == "images: 4 images"
+    # A sub-folder that is no label is refused with the labels, and the archive is kept.
+    before = mar.read_bytes()
+    (tmp_path / "images" / "nonsense").mkdir()
+    assert main(argv) == 2
+    assert "'nonsense' is not a label (circle" in capsys.readouterr().err
+    assert mar.read_bytes() == before
