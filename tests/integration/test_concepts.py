@@ -48,6 +48,14 @@ def test_explain_returns_the_predicted_class_concepts(client: SaliencyClient) ->
     assert "concepts" in {t.stage for t in reply.timings}
 
 
+def test_a_stream_carries_the_concepts_in_its_summary(client: SaliencyClient) -> None:
+    image = png_bytes(HELD_OUT.images[0])
+    parts = list(client.explain_stream(image, targets=[1], concepts=2, seed=4, timeout=120))
+    assert parts[-1].WhichOneof("part") == "summary"
+    [found] = parts[-1].summary.concepts
+    assert found.target == 1 and len(found.concepts) == 2
+
+
 def test_get_concepts_lists_every_class_with_typical_crops(client: SaliencyClient) -> None:
     reply = client.concepts()
     assert [c.target for c in reply.classes] == list(range(len(CLASS_NAMES)))
