@@ -1,6 +1,7 @@
 """CRAFT concepts of the default model: do they find the object, and what do they look like?
 
-The bank is the one the default archive ships (``service.archive_concepts``: synthetic
+The model is the one a worker serves (batch norm folded); the bank is the one the default
+archive ships (``service.archive_concepts``: synthetic
 training images, 8 crops each, ``k`` = 8 per class, the CAM layer). On held-out images
 with ground-truth object masks, every concept of the true class is read in the image
 (NNLS projection of the layer's activations) and its map thresholded at the map's top
@@ -24,7 +25,11 @@ import torch
 
 from bench.machine import cpu_model
 from bench.quality import HELD_OUT_SEED, iou
-from service.archive_concepts import DEFAULT_IMAGES_PER_CLASS, default_concept_images
+from service.archive_concepts import (
+    DEFAULT_IMAGES_PER_CLASS,
+    default_concept_images,
+    served_model,
+)
 from service.client.overlay import overlay
 from service.engine.concepts import ConceptBank, build_bank, explain_concepts
 from service.engine.masks import threshold_mask
@@ -45,6 +50,7 @@ def run(n_images: int, k: int) -> str:
     torch.manual_seed(0)
     model, meta = load_default_model()
     layer_name = str(meta["target_layer"])
+    model = served_model(model, (3, *meta["input_size"][-2:]), layer_name)
     layer = dict(model.named_modules())[layer_name]
     start, cpu = time.perf_counter(), time.process_time()
     images = default_concept_images()
