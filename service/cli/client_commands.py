@@ -59,6 +59,11 @@ def add_parsers(sub: Any) -> None:
     explain.add_argument("--address", default=DEFAULT_ADDRESS)
     explain.add_argument("--model", default="", help=MODEL_HELP)
     explain.add_argument("--timeout", type=float, default=120.0)
+    explain.add_argument(
+        "--stream",
+        action="store_true",
+        help="ExplainStream: a line per anytime map of a slow method as it refines",
+    )
     add_connection_flags(explain)
     explain.set_defaults(func=cmd_explain)
 
@@ -142,7 +147,7 @@ def method_calls(methods: list[str], params: list[str]) -> list[tuple[str, dict[
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from service.client import decode_map, decode_mask, draw_box, overlay
+    from service.client import collect_stream, decode_map, decode_mask, draw_box, overlay
 
     try:
         with Image.open(args.image) as opened:
@@ -156,19 +161,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with client:
         try:
-            reply = client.explain(
-                args.image,
-                methods=methods,
-                top_k=args.top_k,
-                targets=args.target or [],
-                mask=args.mask,
-                mask_params=mask_params,
-                seed=args.seed,
-                scores=args.score or [],
-                model=args.model,
-                concepts=args.concepts,
-                timeout=args.timeout,
-            )
+            options: dict[str, Any] = {
+                "methods": methods,
+                "top_k": args.top_k,
+                "targets": args.target or [],
+                "mask": args.mask,
+                "mask_params": mask_params,
+                "seed": args.seed,
+                "scores": args.score or [],
+                "model": args.model,
+                "concepts": args.concepts,
+                "timeout": args.timeout,
+            }
+            if args.stream:
+                parts = client.explain_stream(args.image, **options)
+                reply = collect_stream(parts, on_refinement=print_refinement)
+            else:
+                reply = client.explain(args.image, **options)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -195,10 +204,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
         scores = " ".join(f"{SCORES.label(s.score)}={s.value:.3f}" for s in item.scores)
         print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
     for found in reply.concepts:
-        for item in found.concepts:
-            stem = f"concept{item.concept}_{found.target_label}"
-            Image.fromarray(overlay(image, decode_map(item.map))).save(args.out / f"{stem}.png")
-            print(f"{stem}: importance {item.importance:.3f}")
+        for concept in found.concepts:
+            stem = f"concept{concept.concept}_{found.target_label}"
+            heat = overlay(image, decode_map(concept.map))
+            Image.fromarray(heat).save(args.out / f"{stem}.png")
+            print(f"{stem}: importance {concept.importance:.3f}")
     Image.fromarray(np.hstack(tiles)).save(args.out / "overview.png")
     print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
     if args.html:
@@ -207,6 +217,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         args.html.write_text(html_report(image, reply, args.image.name), encoding="utf-8")
         print(f"wrote the report {args.html}")
     return 0
+
+
+def print_refinement(refinement: Any) -> None:
+    """One progress line per anytime map: which map, and the forwards it cost so far."""
+    print(
+        f"{METHODS.label(refinement.method)} target {refinement.target}: map after "
+        f"{refinement.forwards}/{refinement.forwards_total} forwards"
+    )
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
