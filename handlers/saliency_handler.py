@@ -44,14 +44,12 @@ from google.protobuf import json_format
 from handlers import inputs
 from handlers.outbox import Outbox, Reply, Slot
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service.engine.concepts import ConceptBank
 from service.protocol.errors import INTERNAL_MESSAGE
 from service.protocol.events import EventKind, stream_part
 from service.protocol.limits import Limits
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
-from service.serving.concepts import ConceptServer
 from service.serving.pipeline import Event, Explainer, Job
 from service.serving.refine import Refinements
 from service.serving.visualize import Visualizer
@@ -118,8 +116,7 @@ class SaliencyHandler:
             precision=worker_precision(model_config),
         )
         limits = Limits.from_env()
-        concepts = ConceptServer(bundle, ConceptBank.read(Path(props["model_dir"])), limits)
-        self.explainer = Explainer(bundle, limits, concepts)
+        self.explainer = Explainer(bundle, limits, concepts_in=Path(props["model_dir"]))
         self.visualizer = Visualizer(bundle, limits)
         self.longest_work_s = longest_work_s(model_config)
         self.initialized = True
@@ -150,8 +147,7 @@ class SaliencyHandler:
                 if kind == "model_info":
                     replies[index] = self.explainer.model_info().SerializeToString()
                 elif kind == "concepts":
-                    catalog = self.explainer.concepts.catalog(message)
-                    replies[index] = catalog.SerializeToString()
+                    replies[index] = self.explainer.concepts.catalog(message).SerializeToString()
                 elif kind == "predict":
                     predicts.append((index, message))
                 elif kind == "visualize":

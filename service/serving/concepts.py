@@ -11,6 +11,7 @@ deadline and cancellation.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,6 +43,11 @@ class ConceptServer:
         self.bank = bank
         self.limits = limits or Limits()
         self.labels = bundle.meta.labels
+
+    @classmethod
+    def load(cls, bundle: ModelBundle, model_dir: Path | None, limits: Limits) -> ConceptServer:
+        """The server of the bank stored in ``model_dir``; of none without a folder or bank."""
+        return cls(bundle, ConceptBank.read(model_dir) if model_dir else None, limits)
 
     def _require_bank(self) -> ConceptBank:
         if self.bank is None:

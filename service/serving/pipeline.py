@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -40,13 +41,14 @@ class Explainer:
         self,
         bundle: ModelBundle,
         limits: Limits | None = None,
-        concepts: ConceptServer | None = None,
+        concepts_in: Path | None = None,
     ) -> None:
+        """``concepts_in``: the model's folder, whose concept bank (if any) it serves."""
         self.bundle = bundle
         self.meta = bundle.meta
         self.limits = limits or Limits()
         self.replies = Replies(bundle)
-        self.concepts = concepts or ConceptServer(bundle, None, self.limits)
+        self.concepts = ConceptServer.load(bundle, concepts_in, self.limits)
 
     def model_info(self) -> pb.ModelInfo:
         return self.replies.model_info()

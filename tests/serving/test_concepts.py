@@ -74,7 +74,9 @@ def explainer_with(
 ) -> tuple[Explainer, Counted]:
     counted = Counted(bundle)
     served = dataclasses.replace(bundle, forward=counted)  # type: ignore[arg-type]
-    return Explainer(served, limits, ConceptServer(served, bank, limits)), counted
+    explainer = Explainer(served, limits)
+    explainer.concepts = ConceptServer(served, bank, explainer.limits)
+    return explainer, counted
 
 
 def request(concepts: int, **fields: object) -> pb.ExplainRequest:
@@ -174,3 +176,13 @@ def test_get_concepts_refuses_bad_classes_and_models_without_a_bank(
         ConceptServer(bundle, bank).catalog(pb.GetConceptsRequest(classes=[3]))
     with pytest.raises(UnsupportedMethodError, match="saliency-serve concepts"):
         ConceptServer(bundle, None).catalog(pb.GetConceptsRequest())
+
+
+def test_the_explainer_serves_the_bank_stored_in_the_model_folder(
+    bundle: ModelBundle, bank: ConceptBank, tmp_path: Path
+) -> None:
+    assert Explainer(bundle, concepts_in=tmp_path).concepts.bank is None
+    for name, data in bank.to_files().items():
+        (tmp_path / name).write_bytes(data)
+    served = Explainer(bundle, concepts_in=tmp_path).concepts.bank
+    assert served is not None and served.meta() == bank.meta()
