@@ -11,6 +11,7 @@ SUITES = (
     "perturbation",
     "fewer_forwards",
     "visualize",
+    "concepts",
     "speed",
     "e2e",
     "chaos",
