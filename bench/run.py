@@ -6,7 +6,17 @@ import runpy
 import sys
 import time
 
-SUITES = ("quality", "perturbation", "fewer_forwards", "visualize", "speed", "e2e", "chaos", "http")
+SUITES = (
+    "quality",
+    "perturbation",
+    "fewer_forwards",
+    "visualize",
+    "speed",
+    "zoo_speed",
+    "e2e",
+    "chaos",
+    "http",
+)
 
 
 def main() -> None:
