@@ -47,11 +47,12 @@ from bench.speed.cases import Case, CaseResult, random_images
 from bench.speed.measure import per_repeat
 from bench.speed.report import ZOO_SECTION, fmt, replace_section
 from bench.speed.timing import interleave, timed
-from bench.zoo import SIDE, forwards, served_full
+from bench.zoo import CACHE, SIDE, forwards, served_full
 from service.engine.registry import METHODS
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO
-from service.runtime.artifacts import ModelBundle
-from service.runtime.onnx_forward import cpu_quota
+from service.runtime.artifacts import ONNX_FILE, ModelBundle
+from service.runtime.onnx_forward import OnnxForward, cpu_quota
+from service.runtime.ort_choice import OrtSettings
 from service.runtime.wrap import Normalized
 
 MODULE = "bench.zoo_speed"
@@ -166,9 +167,60 @@ def gradients(name: str, samples: int, repeats: int) -> ModelRun:
     return ModelRun(result, chunk, load_seconds, ort_reason(bundle))
 
 
-def perturbation(name: str) -> list[PerturbRow]:
-    """Each forward-only method at its registry defaults on one image of ``name``."""
+def ort_gain(bundle: ModelBundle, name: str, repeats: int) -> list[str]:
+    """ms per row of the ONNX forward: the settings chosen at load against the defaults
+    (session options as before, the gradient chunk per run), interleaved repeat by repeat."""
+    engine = bundle.engine
+    default = OrtSettings(cpu_quota(), chunk=engine.chunk_size)
+    chosen = bundle.ort_choice.settings if bundle.ort_choice else default
+    before = default.forward(CACHE / name / ONNX_FILE)
+    image = random_images(1, SIDE).numpy()
+    inputs = {s: np.repeat(image, s.chunk, axis=0) for s in (default, chosen)}
+    per_row: dict[str, list[float]] = {"default": [], "chosen": [], "io binding": []}
+    bound = io_bound(bundle.forward, inputs[chosen])
+    runs = {"default": (before, default), "chosen": (bundle.forward, chosen)}
+    runs["io binding"] = (lambda _: bound(), chosen)
+    for forward, settings in runs.values():
+        forward(inputs[settings])  # warm
+    for _ in range(repeats):
+        for key, (forward, settings) in runs.items():
+            batch = inputs[settings]
+            per_row[key].append(timed(lambda f=forward, b=batch: f(b)) / settings.chunk)
+    ratios = [c / d for c, d in zip(per_row["chosen"], per_row["default"], strict=True)]
+    binding = [b / c for b, c in zip(per_row["io binding"], per_row["chosen"], strict=True)]
+    return [
+        f"ONNX Runtime forward, ms per row, interleaved, median of {repeats}: defaults "
+        f"({default.label()}, chunk {default.chunk}) "
+        f"{statistics.median(per_row['default']) * 1e3:.1f}; chosen at load ({chosen.label()}, "
+        f"chunk {chosen.chunk}) {statistics.median(per_row['chosen']) * 1e3:.1f}; chosen / "
+        f"defaults {statistics.median(ratios):.2f} (per repeat {fmt(ratios)}); the chosen "
+        f"session through IO binding (input bound in place, output into a preallocated "
+        f"array) / `session.run`: {statistics.median(binding):.2f} (per repeat {fmt(binding)}).",
+    ]
+
+
+def io_bound(forward: OnnxForward, batch: np.ndarray) -> Callable[[], np.ndarray]:
+    """One forward of ``batch`` through IO binding: the input bound where it lies, the
+    logits written into an array allocated once."""
+    session = forward.session
+    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    out = forward(batch[:1]).repeat(batch.shape[0], axis=0)
+    binding = session.io_binding()
+    binding.bind_cpu_input(name_in, batch)
+    binding.bind_output(name_out, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+
+    def run() -> np.ndarray:
+        session.run_with_iobinding(binding)
+        return out
+
+    return run
+
+
+def perturbation(name: str, repeats: int) -> tuple[list[PerturbRow], list[str]]:
+    """Each forward-only method at its registry defaults on one image of ``name``, and what
+    the ONNX Runtime settings chosen at load buy per row."""
     bundle = served_full(name, [])
+    gain = ort_gain(bundle, name, repeats)
     engine = bundle.engine
     counting = CountingForward(bundle.forward)
     engine.forward_numpy = counting
@@ -198,7 +250,7 @@ def perturbation(name: str) -> list[PerturbRow]:
             )
         )
         print(f"{name} {spec.name}: {seconds:.1f} s, {counting.rows} rows", flush=True)
-    return rows
+    return rows, gain
 
 
 def gradient_lines(runs: list[ModelRun], samples: int) -> list[str]:
@@ -245,7 +297,7 @@ def gradient_lines(runs: list[ModelRun], samples: int) -> list[str]:
     return lines
 
 
-def perturbation_lines(name: str, rows: list[PerturbRow]) -> list[str]:
+def perturbation_lines(name: str, rows: list[PerturbRow], gain: list[str]) -> list[str]:
     lines = [
         f"### Forward-only methods on `{name}`, one image, registry defaults",
         "",
@@ -254,6 +306,8 @@ def perturbation_lines(name: str, rows: list[PerturbRow]) -> list[str]:
         "forward of that chunk, median of 3 blocks timed just before the method; "
         "`in chunk fwds` = seconds / chunk fwd; floor = ceil(rows / chunk) chunk forwards; "
         "over floor = seconds / floor.",
+        "",
+        *gain,
         "",
         "| method | defaults | forwards (registry) | rows run | seconds / image "
         "| chunk fwd ms | in chunk fwds | floor | over floor |",
@@ -284,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     begin, load_before = time.perf_counter(), os.getloadavg()[0]
     runs = [gradients(name, args.samples, args.repeats) for name in args.models]
     load_mid = os.getloadavg()[0]
-    tables = {name: perturbation(name) for name in args.perturb_models}
+    tables = {name: perturbation(name, args.repeats) for name in args.perturb_models}
     minutes = (time.perf_counter() - begin) / 60
     command = "python -m bench.zoo_speed " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
@@ -303,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         *gradient_lines(runs, args.samples),
         "",
     ]
-    for name, rows in tables.items():
-        lines += [*perturbation_lines(name, rows), ""]
+    for name, (rows, gain) in tables.items():
+        lines += [*perturbation_lines(name, rows, gain), ""]
     lines.append(
         "Quality is not in these tables: the weights are random, so the pointing game or "
         "deletion AUC would score noise; `bench/results/quality.md` has quality on the "

@@ -177,6 +177,11 @@ class OnnxForward:
         return self._num_classes
 
     @property
+    def session(self) -> ort.InferenceSession:
+        """The underlying session (benchmarks time IO binding on it)."""
+        return self._session
+
+    @property
     def providers(self) -> list[str]:
         """Providers the session actually runs on (after any fallback)."""
         return list(self._session.get_providers())

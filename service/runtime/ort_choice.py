@@ -43,7 +43,7 @@ ENV = "SALIENCY_ORT_SETTINGS"
 CHUNK_CANDIDATES = (8, 16, 32, 64)
 SESSION_ROWS = 16  # rows per timed run while the session options are compared
 MARGIN = 0.03  # a candidate must be this much faster per row than the default to win
-BUDGET_S = 20.0  # no new candidate is started after this many seconds of choosing
+BUDGET_S = 10.0  # no new candidate is started after this many seconds of choosing
 T = TypeVar("T")
 
 
