@@ -326,7 +326,7 @@ def perturbation_lines(name: str, rows: list[PerturbRow], gain: list[str]) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(ZOO))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(ZOO))
     parser.add_argument("--perturb-models", nargs="*", default=["efficientnet_b0"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=4, help="SmoothGrad samples, IG steps")
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "precision guard, ONNX forward); `load s` = archive load incl. those choices",
         f"- median of {args.repeats} interleaved repeats, after one warm-up for the fast group",
         "",
-        *gradient_lines(runs, args.samples),
+        *(gradient_lines(runs, args.samples) if runs else []),
         "",
     ]
     for name, (rows, gain) in tables.items():
