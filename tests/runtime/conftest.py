@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runtime.tiny import tiny_classifier
+
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(16, 5),
-    ).eval()
+    model = tiny_classifier()
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

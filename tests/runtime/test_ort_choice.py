@@ -25,6 +25,7 @@ from service.runtime.ort_choice import (
     choose_ort_settings,
     session_candidates,
 )
+from tests.runtime.tiny import tiny_classifier
 
 DEFAULT = OrtSettings(threads=2, chunk=32)
 CHUNKS = {DEFAULT.chunk, *CHUNK_CANDIDATES}
@@ -126,14 +127,7 @@ def test_a_bad_pinned_value_is_named(text: str, named: str) -> None:
 def test_forward_only_methods_run_at_the_forward_chunk() -> None:
     """The engine sends the ONNX forward ``forward_chunk_size`` rows per call (not the
     gradient chunk), and the map is the same as with any other chunk."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4, 3),
-    ).eval()
+    model = tiny_classifier()
     sizes: list[int] = []
 
     def forward(pixels: np.ndarray) -> np.ndarray:
