@@ -189,6 +189,8 @@ def ort_gain(bundle: ModelBundle, name: str, repeats: int) -> list[str]:
     ratios = [c / d for c, d in zip(per_row["chosen"], per_row["default"], strict=True)]
     binding = [b / c for b, c in zip(per_row["io binding"], per_row["chosen"], strict=True)]
     return [
+        f"ONNX Runtime settings chosen at load: {ort_reason(bundle)}.",
+        "",
         f"ONNX Runtime forward, ms per row, interleaved, median of {repeats}: defaults "
         f"({default.label()}, chunk {default.chunk}) "
         f"{statistics.median(per_row['default']) * 1e3:.1f}; chosen at load ({chosen.label()}, "
