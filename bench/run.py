@@ -16,6 +16,7 @@ SUITES = (
     "e2e",
     "chaos",
     "http",
+    "anytime",
 )
 
 

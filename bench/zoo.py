@@ -87,24 +87,31 @@ def capped(spec: MethodSpec, cap: int | None) -> dict[str, object]:
     return {name: within[0] if within else min(counts)}  # else: the fewest it accepts
 
 
+def full_archive(name: str, say: list[str]) -> Path:
+    """The full-size model ``name``'s archive in ``CACHE / "store"`` (built when absent)."""
+    mar = CACHE / "store" / f"{name}.mar"
+    if mar.exists():
+        return mar
+    return build_archive(
+        name=name,
+        eager=eager_spec(name, "full", len(LABELS), SIDE),
+        exported=None,
+        labels=LABELS,
+        input_size=(3, SIDE, SIDE),
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        target_layer=None,
+        out_dir=CACHE / "store",
+        batch=BatchConfig(workers=1),
+        say=say.append,
+    )
+
+
 def served_full(name: str, say: list[str]) -> ModelBundle:
     """The full-size model ``name`` archived (cached) and loaded as a worker loads it."""
     folder = CACHE / name
     if not (folder / "model.json").exists():
-        mar = build_archive(
-            name=name,
-            eager=eager_spec(name, "full", len(LABELS), SIDE),
-            exported=None,
-            labels=LABELS,
-            input_size=(3, SIDE, SIDE),
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            target_layer=None,
-            out_dir=CACHE / "store",
-            batch=BatchConfig(workers=1),
-            say=say.append,
-        )
-        with zipfile.ZipFile(mar) as packed:
+        with zipfile.ZipFile(full_archive(name, say)) as packed:
             packed.extractall(folder)
     return load_bundle(folder)
 

@@ -137,13 +137,20 @@ class Outbox:
 
     def progress(self, index: int, payload: bytes) -> None:
         """Send a part that the final reply need not repeat (a class visualisation's
-        progress) if it may go; else freeze the stream and drop it, as :meth:`part` does."""
+        progress, an explanation's refinement) if it may go; else freeze the stream and
+        drop it, as :meth:`part` does."""
         if self._streams(self.slots[index]):
             self._send(index, payload)
 
+    def open(self, index: int) -> bool:
+        """Whether a part of request ``index`` may go now; changes nothing (a sender asks
+        before it builds a costly part)."""
+        slot = self.slots[index]
+        return not (slot.gone or not slot.stream or slot.frozen) and slot.writable(self.clock())
+
     def _streams(self, slot: Slot) -> bool:
         """Whether a part of ``slot`` may go now; freezes the stream when not."""
-        if slot.gone or not slot.stream or slot.frozen or not slot.writable(self.clock()):
+        if not self.open(slot.index):
             slot.frozen = True
             return False
         return True

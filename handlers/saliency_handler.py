@@ -49,7 +49,8 @@ from service.protocol.limits import Limits
 from service.runtime.artifacts import load_bundle
 from service.runtime.onnx_forward import cpu_quota
 from service.serving.cancel import CancelBoard
-from service.serving.pipeline import Explainer, Job
+from service.serving.pipeline import Event, Explainer, Job
+from service.serving.refine import Refinements
 from service.serving.visualize import Visualizer
 
 __all__ = ["INTERNAL_MESSAGE", "SaliencyHandler"]
@@ -150,7 +151,10 @@ class SaliencyHandler:
                     visuals.append((index, message))
                 else:
                     deadline = self._work_deadline(slots[index].deadline, start)
-                    explain.append((index, Job(message, deadline, slots[index].cancelled)))
+                    job = Job(message, deadline, slots[index].cancelled)
+                    if slots[index].stream:
+                        job.refinements = _refinements(outbox, index)
+                    explain.append((index, job))
             except Exception as exc:
                 replies[index] = inputs.error_reply(item, exc)
         if predicts:
@@ -265,6 +269,15 @@ class SaliencyHandler:
         if "request" in item:
             return response.SerializeToString()
         return json.dumps(json_format.MessageToDict(response, preserving_proto_field_name=True))
+
+
+def _refinements(outbox: Outbox, index: int) -> Refinements:
+    """A stream's anytime maps: each a part of its own, never repeated by the summary."""
+
+    def send(event: Event) -> None:
+        outbox.progress(index, stream_part(event.kind, event.message).SerializeToString())
+
+    return Refinements(send=send, open=functools.partial(outbox.open, index))
 
 
 def _progress_part(outbox: Outbox, index: int, progress: pb.VisualizeClassProgress) -> None:

@@ -52,6 +52,11 @@ def add_parsers(sub: Any) -> None:
     explain.add_argument("--address", default=DEFAULT_ADDRESS)
     explain.add_argument("--model", default="", help=MODEL_HELP)
     explain.add_argument("--timeout", type=float, default=120.0)
+    explain.add_argument(
+        "--stream",
+        action="store_true",
+        help="ExplainStream: a line per anytime map of a slow method as it refines",
+    )
     add_connection_flags(explain)
     explain.set_defaults(func=cmd_explain)
 
@@ -135,7 +140,7 @@ def method_calls(methods: list[str], params: list[str]) -> list[tuple[str, dict[
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from service.client import decode_map, decode_mask, draw_box, overlay
+    from service.client import collect_stream, decode_map, decode_mask, draw_box, overlay
 
     try:
         with Image.open(args.image) as opened:
@@ -149,18 +154,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     with client:
         try:
-            reply = client.explain(
-                args.image,
-                methods=methods,
-                top_k=args.top_k,
-                targets=args.target or [],
-                mask=args.mask,
-                mask_params=mask_params,
-                seed=args.seed,
-                scores=args.score or [],
-                model=args.model,
-                timeout=args.timeout,
-            )
+            options: dict[str, Any] = {
+                "methods": methods,
+                "top_k": args.top_k,
+                "targets": args.target or [],
+                "mask": args.mask,
+                "mask_params": mask_params,
+                "seed": args.seed,
+                "scores": args.score or [],
+                "model": args.model,
+                "timeout": args.timeout,
+            }
+            if args.stream:
+                parts = client.explain_stream(args.image, **options)
+                reply = collect_stream(parts, on_refinement=print_refinement)
+            else:
+                reply = client.explain(args.image, **options)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -191,6 +200,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         args.html.write_text(html_report(image, reply, args.image.name), encoding="utf-8")
         print(f"wrote the report {args.html}")
     return 0
+
+
+def print_refinement(refinement: Any) -> None:
+    """One progress line per anytime map: which map, and the forwards it cost so far."""
+    print(
+        f"{METHODS.label(refinement.method)} target {refinement.target}: map after "
+        f"{refinement.forwards}/{refinement.forwards_total} forwards"
+    )
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

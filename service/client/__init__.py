@@ -9,12 +9,16 @@ Example:
     ...         saliency = decode_map(item.map)      # float32 (H, W)
     ...         mask = decode_mask(item.mask)        # bool (H, W)
 
+``explain_stream`` yields the prediction, then each explanation and its scores as they
+complete; a slow method's ``refinement`` parts (its maps so far) come before its
+explanation, and :class:`LatestMaps` keeps the newest map of each.
 ``AsyncSaliencyClient`` has the same methods for ``asyncio`` (``grpc.aio``). A gateway with
 TLS and tokens: ``SaliencyClient(address, credentials=tls_credentials("ca.pem"),
 token="...")`` (add ``client_cert`` and ``client_key`` for mutual TLS).
 """
 
 from service.client.aio import AsyncSaliencyClient
+from service.client.anytime import LatestMaps, collect_stream, map_key
 from service.client.decode import decode_map, decode_mask, decode_rgb
 from service.client.messages import (
     MethodArg,
@@ -29,14 +33,17 @@ from service.client.sync import SaliencyClient
 
 __all__ = [
     "AsyncSaliencyClient",
+    "LatestMaps",
     "MethodArg",
     "SaliencyClient",
+    "collect_stream",
     "decode_map",
     "decode_mask",
     "decode_rgb",
     "domain_error",
     "draw_box",
     "explain_request",
+    "map_key",
     "overlay",
     "predict_request",
     "tls_credentials",

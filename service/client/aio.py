@@ -47,7 +47,9 @@ class AsyncSaliencyClient(ClientBase):
     def explain_stream(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
     ) -> AsyncIterator[pb.ExplainStreamResponse]:
-        """The prediction first, then each explanation and its scores as they complete.
+        """The prediction first, then each explanation and its scores as they complete; a
+        slow method's ``refinement`` parts (maps so far) before its explanation (keep the
+        newest per explanation with :class:`~service.client.anytime.LatestMaps`).
 
         Leaving the loop early cancels the call, which stops the work it started.
         """

@@ -46,7 +46,9 @@ class SaliencyClient(ClientBase):
     def explain_stream(
         self, image: ImageArg, *, timeout: float | None = 60.0, **options: Any
     ) -> Iterator[pb.ExplainStreamResponse]:
-        """The prediction first, then each explanation and its scores as they complete."""
+        """The prediction first, then each explanation and its scores as they complete; a
+        slow method's ``refinement`` parts (maps so far) before its explanation (keep the
+        newest per explanation with :class:`~service.client.anytime.LatestMaps`)."""
         return self.stub.ExplainStream(
             explain_request(image, **options), timeout=timeout, metadata=self.metadata
         )

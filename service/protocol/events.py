@@ -15,9 +15,11 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 
 class EventKind(StrEnum):
     """``prediction`` (forward only), then per map ``explanation`` and ``scores``, then
-    ``done`` (the complete response, sent as the stream's ``summary``)."""
+    ``done`` (the complete response, sent as the stream's ``summary``). A slow method's
+    map may be preceded by ``refinement`` events (its anytime maps, streams only)."""
 
     PREDICTION = "prediction"
+    REFINEMENT = "refinement"
     EXPLANATION = "explanation"
     SCORES = "scores"
     DONE = "done"

@@ -18,15 +18,14 @@ import torch
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.scores import compute_scores
 from service.engine.scores.base import Explainer
-from service.engine.types import Attribution
+from service.engine.types import Attribution, ProgressFn
 from service.protocol import names
 from service.protocol.errors import CancelledError
 from service.protocol.events import EventKind
-from service.serving.jobs import Event, Job
-from service.serving.plan import Work
+from service.serving.jobs import Event, Group, Job
+from service.serving.refine import reporter
 from service.serving.replies import Replies
 
-Group = list[tuple[Job, Work]]
 Produced = list[tuple[Job, int, int]]  # (job, item in the group's maps, explanation index)
 
 
@@ -100,17 +99,21 @@ def _explain(replies: Replies, live: Group) -> tuple[np.ndarray, np.ndarray | No
     """The group's engine call: maps ``(B, H, W)`` and completeness errors (or ``None``)."""
     images = np.stack([job.model_input for job, _ in live])  # type: ignore[misc]
     targets = np.array([work.target for _, work in live], dtype=np.int64)
-    attribution = _run_method(replies, live, images, targets)
+    attribution = _run_method(replies, live, images, targets, reporter(replies, live))
     maps = attribution.maps.detach().float().cpu().numpy()
     completeness = attribution.completeness_error
     return maps, None if completeness is None else completeness.detach().cpu().numpy()
 
 
 def _run_method(
-    replies: Replies, live: Group, images: np.ndarray, targets: np.ndarray
+    replies: Replies,
+    live: Group,
+    images: np.ndarray,
+    targets: np.ndarray,
+    progress: ProgressFn | None = None,
 ) -> Attribution:
     """The group's method, parameters and seed on ``images``; it stops only when nobody
-    in the group still wants the work."""
+    in the group still wants the work. ``progress`` gets its anytime maps (streams')."""
     spec, params = live[0][1].spec, live[0][1].params
     return replies.bundle.engine.explain(
         torch.from_numpy(images),
@@ -119,6 +122,7 @@ def _run_method(
         params,
         seed=live[0][0].query.seed,  # type: ignore[union-attr]
         cancelled=lambda: all(job.stopped() for job, _ in live),
+        progress=progress,
     )
 
 

@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from service.protocol.events import EventKind
 from service.protocol.request import ExplainQuery
 from service.serving.plan import Plan, Work
 
+if TYPE_CHECKING:
+    from service.serving.refine import Refinements
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,11 +36,13 @@ class Job:
         request: as received; parsed into ``query`` and ``plan`` before any other work.
         deadline: ``time.monotonic()`` after which its work stops.
         cancelled: returns True once its caller went away.
+        refinements: where its anytime maps go (a stream's), or ``None``: none are made.
     """
 
     request: pb.ExplainRequest
     deadline: float | None = None
     cancelled: Callable[[], bool] | None = None
+    refinements: Refinements | None = None
     query: ExplainQuery | None = None
     plan: Plan | None = None
     pixels: np.ndarray | None = None
@@ -82,4 +88,10 @@ class Event:
 
     kind: EventKind
     job: Job
-    message: pb.PredictResponse | pb.Explanation | pb.ScoreUpdate | pb.ExplainResponse
+    message: (
+        pb.PredictResponse | pb.Refinement | pb.Explanation | pb.ScoreUpdate | pb.ExplainResponse
+    )
+
+
+Group = list[tuple[Job, Work]]
+"""The (job, work) pairs of one engine call: the same method, parameters and seed."""

@@ -2,9 +2,12 @@
 
 One code path serves the unary and the streaming call: ``Explainer.run`` yields events
 (prediction, explanation, scores, done) per request as work completes, and callers either
-forward them (streaming) or collect them (unary). The stages live in their own modules:
-``plan`` (every check that needs no forward), ``codec`` (decode, encode), ``execute`` (one
-engine call per method/parameters/seed group, then scores), ``replies`` (messages).
+forward them (streaming) or collect them (unary). A slow method's anytime maps arise
+inside its engine call, so they do not wait for the generator: they go, as ``refinement``
+events, straight to the job's own ``refinements`` sink (streams only; ``refine``). The
+stages live in their own modules: ``plan`` (every check that needs no forward), ``codec``
+(decode, encode), ``execute`` (one engine call per method/parameters/seed group, then
+scores), ``replies`` (messages).
 """
 
 from __future__ import annotations

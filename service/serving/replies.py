@@ -80,6 +80,22 @@ class Replies:
         job.add_time("encode", time.perf_counter() - start)
         return explanation
 
+    def refinement(
+        self, job: Job, work: Work, saliency: np.ndarray, forwards: int
+    ) -> pb.Refinement:
+        """An anytime map, resized and encoded as :meth:`explanation` will do its map."""
+        assert job.pixels is not None and job.query is not None
+        height, width = job.pixels.shape[:2]
+        full = codec.resize_map(saliency, height, width)
+        return pb.Refinement(
+            method=names.METHODS.number(work.spec.name),  # type: ignore[arg-type]
+            target=work.target,
+            params=work.params.wire(),
+            map=codec.encode_map(full, job.query.map_encoding),
+            forwards=forwards,
+            forwards_total=work.spec.cost(work.params, self.bundle.meta.input_size).forwards,
+        )
+
     def response(self, job: Job) -> pb.ExplainResponse:
         """The complete reply of a job, or its error."""
         if job.error is not None:

@@ -21,6 +21,7 @@ import torch
 from handlers import saliency_handler
 from handlers.saliency_handler import INTERNAL_MESSAGE, SaliencyHandler, longest_work_s
 from service._proto.saliency.v1 import saliency_pb2 as pb
+from service.client.decode import decode_map
 from service.protocol.events import EventKind, event_kind
 from service.protocol.limits import Limits
 from service.protocol.names import METHODS
@@ -28,6 +29,12 @@ from service.serving.cancel import CancelBoard
 from service.serving.pipeline import Explainer
 from tests.handlers.frontend import Batch, Call, context, handle
 from tests.serving.test_pipeline import png
+from tests.serving.test_refine import (
+    COARSE_FORWARDS,
+    close_in_float16,
+    coarse_reference,
+    occlusion_request,
+)
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +304,34 @@ def test_a_bug_fails_its_items_with_a_generic_internal_error(
     assert (error.code, error.message) == ("INTERNAL", INTERNAL_MESSAGE)
     assert json.loads(batch.reply(2))["error"]["message"] == INTERNAL_MESSAGE
     assert pb.PredictResponse.FromString(batch.reply(1)).predictions  # forward only: unaffected
+
+
+def test_refinements_reach_each_stream_of_a_mixed_batch_and_no_unary_call(
+    handler: SaliencyHandler, tiny_model_dir: Path
+) -> None:
+    """Occlusion for three callers in one engine call: each stream gets the coarse map of
+    its own target before its explanation, the unary call none, and every message passes
+    the frontend's rules."""
+
+    def item(target: int, call: dict[str, bytes]) -> dict[str, Any]:
+        return {"request": occlusion_request(target_classes=[target]).SerializeToString(), **call}
+
+    stream = {"stream": b"true"}
+    items = [item(1, stream), item(1, UNARY), item(3, stream)]
+    batch = run(handler, tiny_model_dir, items, ["stream", "unary", "stream"])
+    for index, target in ((0, 1), (2, 3)):
+        parts = [pb.ExplainStreamResponse.FromString(p.payload) for p in batch.of(index)]
+        assert [event_kind(p) for p in parts] == [
+            EventKind.PREDICTION,
+            EventKind.REFINEMENT,
+            EventKind.EXPLANATION,
+            EventKind.DONE,
+        ]
+        refinement = parts[1].refinement
+        assert refinement.target == parts[2].explanation.target == target
+        assert refinement.forwards == COARSE_FORWARDS
+        close_in_float16(decode_map(refinement.map), coarse_reference(tiny_model_dir, target))
+    [unary] = explained(batch, 1).explanations  # one reply, no part before it
+    assert len(batch.of(1)) == 1
+    first_stream = pb.ExplainStreamResponse.FromString(batch.of(0)[2].payload)
+    assert unary.map == first_stream.explanation.map  # same request, same map

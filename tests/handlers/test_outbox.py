@@ -94,3 +94,27 @@ def test_a_cancelled_request_gets_nothing_more() -> None:
     assert len(sent) == 1
     assert box.context.request_ids == {1: "request-1"}
     assert box.context.get_response_headers(1) == {}  # HTTP: no stream header
+
+
+def test_open_says_whether_a_part_can_go_without_freezing_the_stream() -> None:
+    """A refinement's sender asks before it encodes a map: asking changes nothing, and a
+    refinement never repeats in the summary."""
+    clock = Clock()
+    cancelled = False
+    slots = [
+        Slot(0, grpc=True, stream=True, deadline=clock.now + 1.0, cancelled=lambda: cancelled),
+        Slot(1, grpc=True, stream=False, unary=True),
+    ]
+    box, sent = outbox(slots, clock)
+    assert box.open(0) and not box.open(1)
+    clock.now += 1.0 - GUARD_S / 2
+    assert not box.open(0) and not slots[0].frozen  # asked only: the stream is not frozen
+    clock.now -= 0.5
+    refinement = stream_part(EventKind.REFINEMENT, pb.Refinement(target=2)).SerializeToString()
+    box.progress(0, refinement)
+    assert sent == [{0: refinement}]
+    cancelled = True
+    assert not box.open(0)
+    response = pb.ExplainResponse(explanations=[pb.Explanation(target=2)])
+    summary = pb.ExplainStreamResponse.FromString(box.summary(0, response))
+    assert [e.target for e in summary.summary.explanations] == [2]

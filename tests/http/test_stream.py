@@ -26,6 +26,16 @@ PREDICTION = pb.ExplainStreamResponse(
 EXPLANATION = pb.ExplainStreamResponse(
     explanation=pb.Explanation(method=METHODS.number("rise"), target=1, seconds=0.5)  # type: ignore[arg-type]
 )
+REFINEMENT = pb.ExplainStreamResponse(
+    refinement=pb.Refinement(
+        method=METHODS.number("rise"),  # type: ignore[arg-type]
+        target=1,
+        params={"n_masks": "256"},
+        map=pb.SaliencyMap(width=2, height=1, encoding=pb.MAP_ENCODING_FLOAT16, data=b"\0<\0\0"),
+        forwards=32,
+        forwards_total=256,
+    )
+)
 SCORES_PART = pb.ExplainStreamResponse(
     scores=pb.ScoreUpdate(
         explanation_index=0,
@@ -51,17 +61,38 @@ def events(text: str) -> list[tuple[str, dict[str, object]]]:
 def test_each_part_is_an_event_in_order(
     gateway: Gateway, http: httpx.Client, script: Script
 ) -> None:
-    parts = (PREDICTION, EXPLANATION, SCORES_PART, SUMMARY)
+    parts = (PREDICTION, REFINEMENT, EXPLANATION, SCORES_PART, SUMMARY)
     script.stream = lambda _: [p.SerializeToString() for p in parts]
     with http.stream("POST", STREAM, json=body(methods=["rise"])) as reply:
         assert reply.status_code == 200
         assert reply.headers["content-type"].startswith("text/event-stream")
         received = events(reply.read().decode())
-    assert [name for name, _ in received] == ["prediction", "explanation", "scores", "summary"]
+    assert [name for name, _ in received] == [
+        "prediction",
+        "refinement",
+        "explanation",
+        "scores",
+        "summary",
+    ]
     assert received[0][1]["classes"] == [{"index": 1, "label": "disc", "probability": 0.0}]
-    assert received[1][1]["method"] == "rise" and received[1][1]["target"] == 1
-    assert received[2][1] == {"explanation_index": 0, "scores": {"insertion_auc": 0.5}}
-    assert received[3][1]["timings"] == {"total": 1.5}
+    assert received[1][1] == {
+        "method": "rise",
+        "target": 1,
+        "params": {"n_masks": "256"},
+        "map": {
+            "encoding": "float16",
+            "width": 2,
+            "height": 1,
+            "value_min": 0.0,
+            "value_max": 0.0,
+            "b64": "ADwAAA==",
+        },
+        "forwards": 32,
+        "forwards_total": 256,
+    }
+    assert received[2][1]["method"] == "rise" and received[2][1]["target"] == 1
+    assert received[3][1] == {"explanation_index": 0, "scores": {"insertion_auc": 0.5}}
+    assert received[4][1]["timings"] == {"total": 1.5}
     sent = pb.ExplainRequest.FromString(script.received[0].input["request"])
     assert [m.method for m in sent.methods] == [METHODS.number("rise")]
     assert calls(gateway, "ExplainStream", "OK") == 1

@@ -2,6 +2,9 @@
 
 import io
 import json
+import re
+import subprocess
+import sys
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -53,6 +56,50 @@ def test_stream_delivers_the_prediction_before_the_maps(client: SaliencyClient, 
     assert kinds == ["prediction", "explanation", "scores", "explanation", "scores", "summary"]
     assert parts[0].prediction.predictions[0].index == label
     assert not parts[-1].summary.explanations  # sent one by one, not twice
+
+
+def test_a_stream_shows_anytime_maps_first_and_ends_on_the_unary_answer(
+    client: SaliencyClient,
+    gateway,
+    samples,
+    tmp_path,  # type: ignore[no-untyped-def]
+) -> None:
+    """Occlusion's coarse map and RISE's first look arrive as refinements, each after at
+    most 32 forwards and before its explanation; the explanations are the unary call's."""
+    data, _, truth = samples[3]
+    options = {"methods": ["occlusion", "rise"], "seed": 9, "map_encoding": "float16"}
+    parts = list(client.explain_stream(data, **options))  # type: ignore[arg-type]
+    kinds = [p.WhichOneof("part") for p in parts]
+    assert kinds[0] == "prediction" and kinds[-1] == "summary"
+    explanations = [p.explanation for p in parts if p.WhichOneof("part") == "explanation"]
+    assert [e.method for e in explanations] == [METHODS.number(m) for m in options["methods"]]
+    for explanation in explanations:
+        at = next(i for i, p in enumerate(parts) if p.explanation == explanation)
+        refinements = [
+            p.refinement
+            for p in parts[:at]
+            if p.WhichOneof("part") == "refinement" and p.refinement.method == explanation.method
+        ]
+        assert refinements, f"no refinement before {METHODS.label(explanation.method)}"
+        first = refinements[0]
+        assert 0 < first.forwards <= 32 < first.forwards_total
+        assert first.target == explanation.target and first.params == explanation.params
+        assert decode_map(first.map).shape == truth.shape
+    assert not any(p.WhichOneof("part") == "refinement" for p in parts[kinds.index("summary") :])
+    unary = client.explain(data, **options)  # type: ignore[arg-type]
+    assert [u.map for u in unary.explanations] == [e.map for e in explanations]
+    # The CLI prints one progress line per refinement.
+    image = tmp_path / "sample.png"
+    image.write_bytes(data)
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "service.cli", "explain", str(image), "--stream",
+            "--method", "occlusion", "--address", gateway.address, "--out", str(tmp_path),
+        ],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"^occlusion target \d+: map after \d+/\d+ forwards$", done.stdout, re.M)
 
 
 def test_predict(client: SaliencyClient, samples) -> None:  # type: ignore[no-untyped-def]

@@ -43,21 +43,24 @@ def _box(box: pb.Box) -> dict[str, int]:
     return {"x_min": box.x_min, "y_min": box.y_min, "x_max": box.x_max, "y_max": box.y_max}
 
 
+def _map(saliency: pb.SaliencyMap) -> dict[str, Any]:
+    return {
+        "encoding": MAP_ENCODINGS.name(saliency.encoding),
+        "width": saliency.width,
+        "height": saliency.height,
+        "value_min": saliency.value_min,
+        "value_max": saliency.value_max,
+        "b64": _b64(saliency.data),
+    }
+
+
 def explanation_json(item: pb.Explanation) -> dict[str, Any]:
     """One map with its mask, box, scores, parameters and time."""
-    saliency = item.map
     return {
         "method": METHODS.label(item.method),
         "target": item.target,
         "target_label": item.target_label,
-        "map": {
-            "encoding": MAP_ENCODINGS.name(saliency.encoding),
-            "width": saliency.width,
-            "height": saliency.height,
-            "value_min": saliency.value_min,
-            "value_max": saliency.value_max,
-            "b64": _b64(saliency.data),
-        },
+        "map": _map(item.map),
         "mask": (
             {
                 "kind": MASKS.label(item.mask.kind),
@@ -75,6 +78,19 @@ def explanation_json(item: pb.Explanation) -> dict[str, Any]:
         "scores": _scores(item.scores),
         "params": dict(item.params),
         "seconds": item.seconds,
+    }
+
+
+def refinement_json(item: pb.Refinement) -> dict[str, Any]:
+    """An anytime map: the explanation it will become (method, target, params), the map
+    so far as an explanation's, and the forwards it cost of the method's ceiling."""
+    return {
+        "method": METHODS.label(item.method),
+        "target": item.target,
+        "params": dict(item.params),
+        "map": _map(item.map),
+        "forwards": item.forwards,
+        "forwards_total": item.forwards_total,
     }
 
 
@@ -180,6 +196,7 @@ def model_json(info: pb.ModelInfo) -> dict[str, Any]:
 PartEncoder = Callable[[Any], dict[str, Any]]
 PART_ENCODERS: dict[str, PartEncoder] = {
     "prediction": predict_json,
+    "refinement": refinement_json,
     "explanation": explanation_json,
     "scores": scores_json,
     "summary": explain_json,

@@ -815,6 +815,7 @@ class ExplainStreamResponse(_message.Message):
     EXPLANATION_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    REFINEMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def prediction(self) -> Global___PredictResponse:
         """First message: the prediction, before any map is computed."""
@@ -827,6 +828,10 @@ class ExplainStreamResponse(_message.Message):
     def summary(self) -> Global___ExplainResponse:
         """Last message: timings of the whole call."""
 
+    @_builtins.property
+    def refinement(self) -> Global___Refinement:
+        """An anytime map of a slow method (occlusion, RISE), before its explanation part."""
+
     def __init__(
         self,
         *,
@@ -834,16 +839,83 @@ class ExplainStreamResponse(_message.Message):
         explanation: Global___Explanation | None = ...,
         scores: Global___ScoreUpdate | None = ...,
         summary: Global___ExplainResponse | None = ...,
+        refinement: Global___Refinement | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "part", b"part", "prediction", b"prediction", "scores", b"scores", "summary", b"summary"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "part", b"part", "prediction", b"prediction", "refinement", b"refinement", "scores", b"scores", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "part", b"part", "prediction", b"prediction", "scores", b"scores", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explanation", b"explanation", "part", b"part", "prediction", b"prediction", "refinement", b"refinement", "scores", b"scores", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["prediction", "explanation", "scores", "summary"]  # noqa: Y015
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["prediction", "explanation", "scores", "summary", "refinement"]  # noqa: Y015
     _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
 
 Global___ExplainStreamResponse: _TypeAlias = ExplainStreamResponse  # noqa: Y015
+
+@_typing.final
+class Refinement(_message.Message):
+    """A map so far: the explanation it will become has the same method, target and params,
+    and comes later in the same stream (it supersedes every refinement of that key). At
+    most one per explanation every 200 ms; none on a unary call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParamsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
+    FORWARDS_FIELD_NUMBER: _builtins.int
+    FORWARDS_TOTAL_FIELD_NUMBER: _builtins.int
+    method: Global___Method.ValueType
+    target: _builtins.int
+    forwards: _builtins.int
+    """Model forwards this map cost so far, and the method's stated ceiling for the image."""
+    forwards_total: _builtins.int
+    @_builtins.property
+    def params(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The parameters actually used, as the explanation lists them."""
+
+    @_builtins.property
+    def map(self) -> Global___SaliencyMap:
+        """The current estimate, encoded as the explanation's map will be."""
+
+    def __init__(
+        self,
+        *,
+        method: Global___Method.ValueType = ...,
+        target: _builtins.int = ...,
+        params: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        map: Global___SaliencyMap | None = ...,
+        forwards: _builtins.int = ...,
+        forwards_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["map", b"map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["forwards", b"forwards", "forwards_total", b"forwards_total", "map", b"map", "method", b"method", "params", b"params", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Refinement: _TypeAlias = Refinement  # noqa: Y015
 
 @_typing.final
 class PredictRequest(_message.Message):

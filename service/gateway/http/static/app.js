@@ -166,6 +166,8 @@ function onEvent(name, data, started) {
   if (name === "prediction") {
     showPrediction(data);
     say(`Prediction in ${Math.round(performance.now() - started)} ms; explaining...`, "busy");
+  } else if (name === "refinement") {
+    say(`${data.method}: map so far after ${data.forwards} of ${data.forwards_total} forwards...`, "busy");
   } else if (name === "explanation") {
     addCard(data);
   } else if (name === "scores") {
