@@ -109,7 +109,7 @@ def write(
         f"| the same from the tables above (measured minutes apart; best in process: batch "
         f"{best_inproc}) | {ratio:.2f} | reported | |",
         "| CPU per request, in process at batch 16 / gRPC at 8 clients (the throughput ratio "
-        f"an otherwise idle CPU-bound machine would give) | {alone_cpu / served_cpu:.2f} | "
+        f"where both paths kept every core busy) | {alone_cpu / served_cpu:.2f} | "
         "reported | |",
         "| the same without the clients and gateway (TorchServe frontend and workers only) | "
         f"{alone_cpu / server_cpu:.2f} | reported | |",
