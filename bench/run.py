@@ -11,6 +11,7 @@ SUITES = (
     "perturbation",
     "fewer_forwards",
     "visualize",
+    "concepts",
     "speed",
     "zoo_speed",
     "e2e",

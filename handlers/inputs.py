@@ -31,12 +31,14 @@ def over_http(context: Any, index: int) -> bool:
 
 def parse(item: dict[str, Any]) -> tuple[str, Any]:
     """``("explain", ExplainRequest)``, ``("predict", PredictRequest)``,
-    ``("visualize", VisualizeClassRequest)`` or ``("model_info", None)``; INVALID_ARGUMENT
+    ``("visualize", VisualizeClassRequest)``, ``("concepts", GetConceptsRequest)`` or
+    ``("model_info", None)``; INVALID_ARGUMENT
     for bytes that are not the message."""
     for key, kind, message in (
         ("request", "explain", pb.ExplainRequest),
         ("predict", "predict", pb.PredictRequest),
         ("visualize", "visualize", pb.VisualizeClassRequest),
+        ("concepts", "concepts", pb.GetConceptsRequest),
     ):
         if key in item:
             try:
@@ -50,8 +52,8 @@ def parse(item: dict[str, Any]) -> tuple[str, Any]:
     image = item.get("data", item.get("body"))
     if image is None:
         raise InvalidInputError(
-            "no input: send 'request' (ExplainRequest), 'predict', 'visualize', 'model_info' "
-            "or 'data' (image bytes)"
+            "no input: send 'request' (ExplainRequest), 'predict', 'visualize', 'concepts', "
+            "'model_info' or 'data' (image bytes)"
         )
     return "explain", _json_request(item, _bytes(image))
 
@@ -79,6 +81,8 @@ def error_reply(item: dict[str, Any], exc: BaseException) -> Reply:
         return pb.ModelInfo(error=error).SerializeToString()
     if "visualize" in item:
         return visualize_reply(item, pb.VisualizeClassResponse(error=error))
+    if "concepts" in item:
+        return pb.GetConceptsResponse(error=error).SerializeToString()
     if "request" in item:
         response = pb.ExplainResponse(error=error)
         if text(item.get("stream")) == "true":

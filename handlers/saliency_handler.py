@@ -9,6 +9,7 @@ Inputs (one key per request; TorchServe gRPC ``input`` map or HTTP form fields):
     visualize    serialized ``VisualizeClassRequest`` -> serialized ``VisualizeClassResponse``
                  (with ``stream`` = "true": ``VisualizeClassStreamResponse`` parts, the
                  progress first, the result last)
+    concepts     serialized ``GetConceptsRequest`` -> serialized ``GetConceptsResponse``
     data / body  image bytes -> JSON: predictions, base64 PNG maps and masks; optional keys
                  ``methods`` (comma-separated registry names), ``top_k``, ``mask``
     stream       "true" on ``StreamPredictions``; "false" says the call is unary, and lets
@@ -115,7 +116,7 @@ class SaliencyHandler:
             precision=worker_precision(model_config),
         )
         limits = Limits.from_env()
-        self.explainer = Explainer(bundle, limits)
+        self.explainer = Explainer(bundle, limits, concepts_in=Path(props["model_dir"]))
         self.visualizer = Visualizer(bundle, limits)
         self.longest_work_s = longest_work_s(model_config)
         self.initialized = True
@@ -145,6 +146,8 @@ class SaliencyHandler:
                 kind, message = inputs.parse(item)
                 if kind == "model_info":
                     replies[index] = self.explainer.model_info().SerializeToString()
+                elif kind == "concepts":
+                    replies[index] = self.explainer.concepts.catalog(message).SerializeToString()
                 elif kind == "predict":
                     predicts.append((index, message))
                 elif kind == "visualize":

@@ -231,7 +231,7 @@ def build_default_archive(out_dir: Path, *, batch: BatchConfig | None = None) ->
         "weights": "weights.pt",
     }
     channels, height, width = trained["input_size"]
-    return build_archive(
+    path = build_archive(
         name=DEFAULT_NAME,
         eager=eager,
         exported=None,
@@ -244,3 +244,16 @@ def build_default_archive(out_dir: Path, *, batch: BatchConfig | None = None) ->
         files=[model_dir / "weights.pt"],
         batch=batch,
     )
+    # The default archive ships a CRAFT bank (a few seconds: bench/results/concepts.md).
+    from service.archive_concepts import (
+        DEFAULT_IMAGES_PER_CLASS,
+        add_concepts,
+        default_concept_images,
+    )
+
+    add_concepts(
+        path,
+        default_concept_images(),
+        source=f"synthetic training set, {DEFAULT_IMAGES_PER_CLASS} images per class",
+    )
+    return path

@@ -1,4 +1,4 @@
-"""``saliency-serve``: explain, visualize, methods; serve, gateway, torchserve, archive, bench.
+"""``saliency-serve``: explain, visualize, concepts, methods; serve, gateway, torchserve, archive.
 
 The parser imports nothing heavy: the client commands need the base install only, and
 the server commands import torch, TorchServe and the gateway when they run (and say what
@@ -12,6 +12,7 @@ import argparse
 from service.cli import (
     archive_command,
     client_commands,
+    concepts_command,
     serve_command,
     server_commands,
     visualize_command,
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     archive_command.add_parser(sub)
     client_commands.add_parsers(sub)
     visualize_command.add_parsers(sub)
+    concepts_command.add_parser(sub)
     return parser
 
 

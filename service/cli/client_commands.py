@@ -45,6 +45,13 @@ def add_parsers(sub: Any) -> None:
     )
     explain.add_argument("--score", action="append", choices=SCORES.names())
     explain.add_argument("--seed", type=int, default=0)
+    explain.add_argument(
+        "--concepts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also the N most important CRAFT concepts per target, with their maps",
+    )
     explain.add_argument("--out", type=Path, default=Path("explanations"))
     explain.add_argument(
         "--html", type=Path, metavar="FILE", help="also write a self-contained HTML report"
@@ -163,6 +170,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "scores": args.score or [],
                 "model": args.model,
+                "concepts": args.concepts,
                 "timeout": args.timeout,
             }
             if args.stream:
@@ -173,6 +181,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        except InvalidInputError as exc:
+            print(f"explain: {exc}", file=sys.stderr)
+            return 2
     for p in reply.predictions:
         print(f"{p.label:>12s}  {p.probability:.3f}")
     tiles = [image]
@@ -192,6 +203,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         scores = " ".join(f"{SCORES.label(s.score)}={s.value:.3f}" for s in item.scores)
         print(f"{stem}: {item.seconds * 1000:.1f} ms{extra} {scores}".rstrip())
+    for found in reply.concepts:
+        for concept in found.concepts:
+            stem = f"concept{concept.concept}_{found.target_label}"
+            heat = overlay(image, decode_map(concept.map))
+            Image.fromarray(heat).save(args.out / f"{stem}.png")
+            print(f"{stem}: importance {concept.importance:.3f}")
     Image.fromarray(np.hstack(tiles)).save(args.out / "overview.png")
     print(f"wrote {len(reply.explanations)} overlays and overview.png to {args.out}")
     if args.html:

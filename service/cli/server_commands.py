@@ -67,12 +67,15 @@ def _size(text: str) -> tuple[int, int, int]:
 
 
 def _ensure_default_archive(store: Path) -> Path:
-    """The default archive, rebuilt when the trained default model changed since."""
+    """The default archive, rebuilt when the trained default model (or what the archive
+    ships with it: the concept bank's format) changed since."""
     from service.archive import DEFAULT_NAME, build_default_archive
+    from service.engine.concepts.bank import FORMAT
     from service.models.default import ensure_default_model
 
     mar = store / f"{DEFAULT_NAME}.mar"
-    trained = json.loads((ensure_default_model() / "meta.json").read_text())["version"]
+    version = json.loads((ensure_default_model() / "meta.json").read_text())["version"]
+    trained = f"{version} concepts-{FORMAT}"
     stamp = store / f"{DEFAULT_NAME}.mar.source"
     if not mar.exists() or not stamp.exists() or stamp.read_text() != trained:
         print(f"building the default model archive into {mar}...", flush=True)

@@ -22,6 +22,7 @@ from service.client.anytime import LatestMaps, collect_stream, map_key
 from service.client.decode import decode_map, decode_mask, decode_rgb
 from service.client.messages import (
     MethodArg,
+    concepts_request,
     domain_error,
     explain_request,
     predict_request,
@@ -37,6 +38,7 @@ __all__ = [
     "MethodArg",
     "SaliencyClient",
     "collect_stream",
+    "concepts_request",
     "decode_map",
     "decode_mask",
     "decode_rgb",

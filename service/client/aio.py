@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -12,6 +12,7 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.client.messages import (
     ClientBase,
     ImageArg,
+    concepts_request,
     explain_request,
     predict_request,
     visualize_request,
@@ -79,6 +80,13 @@ class AsyncSaliencyClient(ClientBase):
         """Every served model (name, version, default flag, input size, methods)."""
         request = pb.ListModelsRequest()
         return await self.stub.ListModels(request, timeout=timeout, metadata=self.metadata)
+
+    async def concepts(
+        self, classes: Sequence[int] = (), *, model: str = "", timeout: float | None = 10.0
+    ) -> pb.GetConceptsResponse:
+        """The model's CRAFT concepts per class, with their most typical crops (PNG)."""
+        request = concepts_request(classes, model=model)
+        return await self.stub.GetConcepts(request, timeout=timeout, metadata=self.metadata)
 
     async def visualize_class(
         self, target: int, *, timeout: float | None = 60.0, **options: Any

@@ -98,5 +98,6 @@ def collect_stream(
         elif kind == "summary":
             response.explanations.extend(part.summary.explanations)
             response.timings.extend(part.summary.timings)
+            response.concepts.extend(part.summary.concepts)
             response.error.CopyFrom(part.summary.error)
     return response

@@ -62,13 +62,17 @@ def explain_request(
     seed: int = 0,
     scores: Sequence[str] = (),
     model: str = "",
+    concepts: int = 0,
 ) -> pb.ExplainRequest:
     """An ``ExplainRequest``; unknown method, mask, score or encoding names raise
-    ``InvalidInputError`` listing the known ones, before anything is sent."""
+    ``InvalidInputError`` listing the known ones, before anything is sent. ``concepts``:
+    the most important CRAFT concepts per target (0: none)."""
+    if concepts < 0:
+        raise InvalidInputError(f"concepts must be >= 0, got {concepts}")
     calls = tuple(
         MethodCall(m) if isinstance(m, str) else MethodCall(m[0], dict(m[1])) for m in methods
     )
-    return ExplainQuery(
+    request = ExplainQuery(
         image=image_message(image),
         model=model,
         top_k=top_k,
@@ -79,6 +83,15 @@ def explain_request(
         map_encoding=map_encoding,
         seed=seed,
     ).to_pb()
+    request.concepts = concepts
+    return request
+
+
+def concepts_request(classes: Sequence[int] = (), *, model: str = "") -> pb.GetConceptsRequest:
+    """A ``GetConceptsRequest`` for ``classes`` (empty: every class of the bank)."""
+    if any(c < 0 for c in classes):
+        raise InvalidInputError(f"classes must be indices >= 0, got {list(classes)}")
+    return pb.GetConceptsRequest(model=model, classes=list(classes))
 
 
 def predict_request(

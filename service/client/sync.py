@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -12,6 +12,7 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.client.messages import (
     ClientBase,
     ImageArg,
+    concepts_request,
     explain_request,
     predict_request,
     visualize_request,
@@ -77,6 +78,13 @@ class SaliencyClient(ClientBase):
     def list_models(self, timeout: float | None = 10.0) -> pb.ListModelsResponse:
         """Every served model (name, version, default flag, input size, methods)."""
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.metadata)
+
+    def concepts(
+        self, classes: Sequence[int] = (), *, model: str = "", timeout: float | None = 10.0
+    ) -> pb.GetConceptsResponse:
+        """The model's CRAFT concepts per class, with their most typical crops (PNG)."""
+        request = concepts_request(classes, model=model)
+        return self.stub.GetConcepts(request, timeout=timeout, metadata=self.metadata)
 
     def visualize_class(
         self, target: int, *, timeout: float | None = 60.0, **options: Any

@@ -30,6 +30,7 @@ RPC_KINDS = {
     "GetModelInfo": "predict",
     "VisualizeClass": "explain",
     "VisualizeClassStream": "explain",
+    "GetConcepts": "predict",
 }
 
 

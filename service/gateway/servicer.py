@@ -63,7 +63,8 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
         request: pb.ExplainRequest
         | pb.PredictRequest
         | pb.GetModelInfoRequest
-        | pb.VisualizeClassRequest,
+        | pb.VisualizeClassRequest
+        | pb.GetConceptsRequest,
     ) -> str:
         return self.catalog.resolve(request.model)
 
@@ -169,6 +170,22 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
                 if part.WhichOneof("part") == "result":
                     raise_payload_error(part.result.error)
                 yield part
+
+    async def GetConcepts(
+        self, request: pb.GetConceptsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetConceptsResponse:
+        model = self._model(request)
+        with self.admission.admit(model, "predict"):  # stored bytes: no model work
+            raw = await self.upstream.call(
+                self._forward_only(model),
+                "concepts",
+                request.SerializeToString(),
+                context.time_remaining(),
+                model=model,
+            )
+        response = pb.GetConceptsResponse.FromString(raw)
+        raise_payload_error(response.error)
+        return response
 
     def _observe(
         self,

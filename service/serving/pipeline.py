@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from service.protocol.limits import Limits
 from service.protocol.request import ExplainQuery, PredictQuery
 from service.runtime.artifacts import ModelBundle
 from service.serving import codec, execute
+from service.serving.concepts import ConceptServer
 from service.serving.jobs import Event, Job
 from service.serving.plan import plan
 from service.serving.replies import Replies
@@ -35,11 +37,18 @@ __all__ = ["Event", "Explainer", "Job"]
 class Explainer:
     """Serves one model bundle; safe to share between threads (no per-call state here)."""
 
-    def __init__(self, bundle: ModelBundle, limits: Limits | None = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        limits: Limits | None = None,
+        concepts_in: Path | None = None,
+    ) -> None:
+        """``concepts_in``: the model's folder, whose concept bank (if any) it serves."""
         self.bundle = bundle
         self.meta = bundle.meta
         self.limits = limits or Limits()
         self.replies = Replies(bundle)
+        self.concepts = ConceptServer.load(bundle, concepts_in, self.limits)
 
     def model_info(self) -> pb.ModelInfo:
         return self.replies.model_info()
@@ -96,19 +105,33 @@ class Explainer:
         left = Counter(id(job) for group in groups for job in execute.members(group))
         for job in jobs:
             if not left[id(job)]:
-                yield Event(EventKind.DONE, job, self.replies.response(job))
+                yield Event(EventKind.DONE, job, self._response(job))
         for group in groups:
             yield from execute.explain_group(self.replies, group)
             for job in execute.members(group):
                 left[id(job)] -= 1
                 if not left[id(job)]:
-                    yield Event(EventKind.DONE, job, self.replies.response(job))
+                    yield Event(EventKind.DONE, job, self._response(job))
+
+    def _response(self, job: Job) -> pb.ExplainResponse:
+        """The job's reply, with its concepts (the last work it asked for) when it wants them."""
+        found: list[pb.TargetConcepts] = []
+        if job.error is None:
+            try:
+                found = self.concepts.explain(job)
+            except Exception as exc:  # this request's own failure
+                job.fail(exc)
+        response = self.replies.response(job)
+        response.concepts.extend(found if job.error is None else [])
+        return response
 
     def _plan(self, jobs: list[Job]) -> None:
         for job in jobs:
             try:
                 job.query = ExplainQuery.from_pb(job.request)
                 job.plan = plan(job.query, self.bundle.engine, len(self.meta.labels), self.limits)
+                targets = len(job.plan.targets) or job.plan.top_k
+                self.concepts.check(job.request, targets, job.plan.cost)
             except Exception as exc:  # a bug in one request's checks fails that request
                 job.fail(exc)
 

@@ -82,3 +82,9 @@ def test_collect_stream_adds_the_parts_up_to_the_unary_response() -> None:
     assert list(response.explanations[0].scores) == [score]
     assert not response.explanations[1].scores
     assert [t.stage for t in response.timings] == ["total"] and not response.error.code
+
+
+def test_collect_stream_keeps_the_summarys_concepts() -> None:
+    found = pb.TargetConcepts(target=4, concepts=[pb.ConceptAttribution(concept=2, importance=0.5)])
+    parts = [stream_part(EventKind.DONE, pb.ExplainResponse(concepts=[found]))]
+    assert list(collect_stream(parts).concepts) == [found]

@@ -56,7 +56,9 @@ class _Servicer(ts_grpc.InferenceAPIsServiceServicer):
     async def Predictions(  # type: ignore[override]
         self, request: ts_pb.PredictionsRequest, context: grpc.aio.ServicerContext
     ) -> ts_pb.PredictionResponse:
-        key = next(k for k in ("request", "predict", "model_info") if k in request.input)
+        key = next(
+            k for k in ("request", "predict", "model_info", "concepts") if k in request.input
+        )
         held = self.script.hold.get(request.model_name)
         if key not in self.script.unary and key == "model_info":  # the gateway's health probe
             while held is not None and not held.is_set():

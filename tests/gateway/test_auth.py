@@ -107,6 +107,7 @@ def test_reflection_is_off_unless_asked(channel: grpc.Channel) -> None:
         ("GetModelInfo", "saliency.v1.GetModelInfoRequest"),
         ("VisualizeClass", "saliency.v1.VisualizeClassRequest"),
         ("VisualizeClassStream", "saliency.v1.VisualizeClassRequest"),
+        ("GetConcepts", "saliency.v1.GetConceptsRequest"),
     ],
 )
 def test_bytes_that_are_not_the_request_are_invalid_argument(

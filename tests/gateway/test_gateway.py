@@ -62,10 +62,12 @@ def test_each_domain_error_becomes_its_status(
     script.unary["request"] = lambda _: reply_with(pb.ExplainResponse(error=error))
     script.unary["predict"] = lambda _: pb.PredictResponse(error=error).SerializeToString()
     script.unary["model_info"] = lambda _: pb.ModelInfo(error=error).SerializeToString()
+    script.unary["concepts"] = lambda _: pb.GetConceptsResponse(error=error).SerializeToString()
     for rpc, call in [
         ("Explain", lambda: stub.Explain(request(), timeout=30)),
         ("Predict", lambda: stub.Predict(pb.PredictRequest(), timeout=30)),
         ("GetModelInfo", lambda: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)),
+        ("GetConcepts", lambda: stub.GetConcepts(pb.GetConceptsRequest(), timeout=30)),
     ]:
         with pytest.raises(grpc.RpcError) as err:
             call()

@@ -409,6 +409,7 @@ class ExplainRequest(_message.Message):
     MAP_ENCODING_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    CONCEPTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Served model name; empty means the server's default model."""
     top_k: _builtins.int
@@ -416,6 +417,11 @@ class ExplainRequest(_message.Message):
     map_encoding: Global___MapEncoding.ValueType
     seed: _builtins.int
     """Seed of every random draw (noise, masks, designs): same request, same answer."""
+    concepts: _builtins.int
+    """CRAFT: per explained target, this many of its class's most important concepts
+    (Sobol total indices over the concept coefficients), each with its map; 0 = none.
+    FAILED_PRECONDITION when the model has no concept bank.
+    """
     @_builtins.property
     def image(self) -> Global___Image: ...
     @_builtins.property
@@ -442,10 +448,11 @@ class ExplainRequest(_message.Message):
         map_encoding: Global___MapEncoding.ValueType = ...,
         seed: _builtins.int = ...,
         scores: _abc.Iterable[Global___Score.ValueType] | None = ...,
+        concepts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "mask", b"mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "map_encoding", b"map_encoding", "mask", b"mask", "methods", b"methods", "model", b"model", "scores", b"scores", "seed", b"seed", "target_classes", b"target_classes", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts", "image", b"image", "map_encoding", b"map_encoding", "mask", b"mask", "methods", b"methods", "model", b"model", "scores", b"scores", "seed", b"seed", "target_classes", b"target_classes", "top_k", b"top_k"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -756,6 +763,7 @@ class ExplainResponse(_message.Message):
     EXPLANATIONS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CONCEPTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def model(self) -> Global___ModelRef: ...
     @_builtins.property
@@ -766,6 +774,10 @@ class ExplainResponse(_message.Message):
     def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageTiming]: ...
     @_builtins.property
     def error(self) -> Global___Error: ...
+    @_builtins.property
+    def concepts(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetConcepts]:
+        """One entry per explained target when `ExplainRequest.concepts` > 0."""
+
     def __init__(
         self,
         *,
@@ -774,10 +786,11 @@ class ExplainResponse(_message.Message):
         explanations: _abc.Iterable[Global___Explanation] | None = ...,
         timings: _abc.Iterable[Global___StageTiming] | None = ...,
         error: Global___Error | None = ...,
+        concepts: _abc.Iterable[Global___TargetConcepts] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "explanations", b"explanations", "model", b"model", "predictions", b"predictions", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts", "error", b"error", "explanations", b"explanations", "model", b"model", "predictions", b"predictions", "timings", b"timings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1613,3 +1626,185 @@ class CamLayerInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CamLayerInfo: _TypeAlias = CamLayerInfo  # noqa: Y015
+
+@_typing.final
+class ConceptAttribution(_message.Message):
+    """One concept's part in one prediction (CRAFT, Fel et al. 2023)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONCEPT_FIELD_NUMBER: _builtins.int
+    IMPORTANCE_FIELD_NUMBER: _builtins.int
+    MAP_FIELD_NUMBER: _builtins.int
+    concept: _builtins.int
+    """Index in the class's bank (see GetConcepts)."""
+    importance: _builtins.float
+    """Sobol total-order index of the target logit over the concept coefficients."""
+    @_builtins.property
+    def map(self) -> Global___SaliencyMap:
+        """The concept's coefficient map, upsampled to the input, in the request's map encoding."""
+
+    def __init__(
+        self,
+        *,
+        concept: _builtins.int = ...,
+        importance: _builtins.float = ...,
+        map: Global___SaliencyMap | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["map", b"map"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "importance", b"importance", "map", b"map"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConceptAttribution: _TypeAlias = ConceptAttribution  # noqa: Y015
+
+@_typing.final
+class TargetConcepts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_LABEL_FIELD_NUMBER: _builtins.int
+    CONCEPTS_FIELD_NUMBER: _builtins.int
+    target: _builtins.int
+    target_label: _builtins.str
+    @_builtins.property
+    def concepts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConceptAttribution]:
+        """Most important first."""
+
+    def __init__(
+        self,
+        *,
+        target: _builtins.int = ...,
+        target_label: _builtins.str = ...,
+        concepts: _abc.Iterable[Global___ConceptAttribution] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts", "target", b"target", "target_label", b"target_label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TargetConcepts: _TypeAlias = TargetConcepts  # noqa: Y015
+
+@_typing.final
+class GetConceptsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """Served model name; empty means the server's default model."""
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Classes to describe; empty means every class the bank has."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        classes: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConceptsRequest: _TypeAlias = GetConceptsRequest  # noqa: Y015
+
+@_typing.final
+class ConceptInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONCEPT_FIELD_NUMBER: _builtins.int
+    CROPS_FIELD_NUMBER: _builtins.int
+    concept: _builtins.int
+    @_builtins.property
+    def crops(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """The crops with the largest coefficient of this concept, most typical first (PNG)."""
+
+    def __init__(
+        self,
+        *,
+        concept: _builtins.int = ...,
+        crops: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concept", b"concept", "crops", b"crops"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConceptInfo: _TypeAlias = ConceptInfo  # noqa: Y015
+
+@_typing.final
+class ClassConcepts(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGET_FIELD_NUMBER: _builtins.int
+    TARGET_LABEL_FIELD_NUMBER: _builtins.int
+    CONCEPTS_FIELD_NUMBER: _builtins.int
+    target: _builtins.int
+    target_label: _builtins.str
+    @_builtins.property
+    def concepts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConceptInfo]: ...
+    def __init__(
+        self,
+        *,
+        target: _builtins.int = ...,
+        target_label: _builtins.str = ...,
+        concepts: _abc.Iterable[Global___ConceptInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concepts", b"concepts", "target", b"target", "target_label", b"target_label"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClassConcepts: _TypeAlias = ClassConcepts  # noqa: Y015
+
+@_typing.final
+class GetConceptsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    LAYER_FIELD_NUMBER: _builtins.int
+    K_FIELD_NUMBER: _builtins.int
+    CROP_SIZE_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    CLASSES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    layer: _builtins.str
+    """The layer the concepts factorise, concepts per class, crop side in pixels, seed."""
+    k: _builtins.int
+    crop_size: _builtins.int
+    seed: _builtins.int
+    source: _builtins.str
+    """One line on the images the bank was built from."""
+    @_builtins.property
+    def model(self) -> Global___ModelRef: ...
+    @_builtins.property
+    def classes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClassConcepts]: ...
+    @_builtins.property
+    def error(self) -> Global___Error: ...
+    def __init__(
+        self,
+        *,
+        model: Global___ModelRef | None = ...,
+        layer: _builtins.str = ...,
+        k: _builtins.int = ...,
+        crop_size: _builtins.int = ...,
+        seed: _builtins.int = ...,
+        source: _builtins.str = ...,
+        classes: _abc.Iterable[Global___ClassConcepts] | None = ...,
+        error: Global___Error | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["classes", b"classes", "crop_size", b"crop_size", "error", b"error", "k", b"k", "layer", b"layer", "model", b"model", "seed", b"seed", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetConceptsResponse: _TypeAlias = GetConceptsResponse  # noqa: Y015

@@ -69,6 +69,11 @@ class ExplainServiceStub:
                 request_serializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.SerializeToString,
                 response_deserializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassStreamResponse.FromString,
                 _registered_method=True)
+        self.GetConcepts = channel.unary_unary(
+                '/saliency.v1.ExplainService/GetConcepts',
+                request_serializer=saliency_dot_v1_dot_saliency__pb2.GetConceptsRequest.SerializeToString,
+                response_deserializer=saliency_dot_v1_dot_saliency__pb2.GetConceptsResponse.FromString,
+                _registered_method=True)
 
 
 class ExplainServiceServicer:
@@ -128,6 +133,14 @@ class ExplainServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetConcepts(self, request, context):
+        """The model's CRAFT concept bank (Fel et al. 2023): per class, its concepts with their
+        most typical crops. FAILED_PRECONDITION when the archive holds no bank.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExplainServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +178,11 @@ def add_ExplainServiceServicer_to_server(servicer, server):
                     servicer.VisualizeClassStream,
                     request_deserializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.FromString,
                     response_serializer=saliency_dot_v1_dot_saliency__pb2.VisualizeClassStreamResponse.SerializeToString,
+            ),
+            'GetConcepts': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConcepts,
+                    request_deserializer=saliency_dot_v1_dot_saliency__pb2.GetConceptsRequest.FromString,
+                    response_serializer=saliency_dot_v1_dot_saliency__pb2.GetConceptsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +374,33 @@ class ExplainService:
             '/saliency.v1.ExplainService/VisualizeClassStream',
             saliency_dot_v1_dot_saliency__pb2.VisualizeClassRequest.SerializeToString,
             saliency_dot_v1_dot_saliency__pb2.VisualizeClassStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConcepts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/saliency.v1.ExplainService/GetConcepts',
+            saliency_dot_v1_dot_saliency__pb2.GetConceptsRequest.SerializeToString,
+            saliency_dot_v1_dot_saliency__pb2.GetConceptsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,10 @@ class ExplainServiceStub:
     """The same, with progress (and every `image_every` steps the current image) as it goes,
     the result last. Cancelling the call stops the search.
     """
+    GetConcepts: _grpc.UnaryUnaryMultiCallable[_saliency_pb2.GetConceptsRequest, _saliency_pb2.GetConceptsResponse]
+    """The model's CRAFT concept bank (Fel et al. 2023): per class, its concepts with their
+    most typical crops. FAILED_PRECONDITION when the archive holds no bank.
+    """
 
 @_typing.type_check_only
 class ExplainServiceAsyncStub(ExplainServiceStub):
@@ -87,6 +91,10 @@ class ExplainServiceAsyncStub(ExplainServiceStub):
     VisualizeClassStream: _aio.UnaryStreamMultiCallable[_saliency_pb2.VisualizeClassRequest, _saliency_pb2.VisualizeClassStreamResponse]  # type: ignore[assignment]
     """The same, with progress (and every `image_every` steps the current image) as it goes,
     the result last. Cancelling the call stops the search.
+    """
+    GetConcepts: _aio.UnaryUnaryMultiCallable[_saliency_pb2.GetConceptsRequest, _saliency_pb2.GetConceptsResponse]  # type: ignore[assignment]
+    """The model's CRAFT concept bank (Fel et al. 2023): per class, its concepts with their
+    most typical crops. FAILED_PRECONDITION when the archive holds no bank.
     """
 
 class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -154,6 +162,16 @@ class ExplainServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_saliency_pb2.VisualizeClassStreamResponse], _abc.AsyncIterator[_saliency_pb2.VisualizeClassStreamResponse]]:
         """The same, with progress (and every `image_every` steps the current image) as it goes,
         the result last. Cancelling the call stops the search.
+        """
+
+    @_abc_1.abstractmethod
+    def GetConcepts(
+        self,
+        request: _saliency_pb2.GetConceptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_saliency_pb2.GetConceptsResponse, _abc.Awaitable[_saliency_pb2.GetConceptsResponse]]:
+        """The model's CRAFT concept bank (Fel et al. 2023): per class, its concepts with their
+        most typical crops. FAILED_PRECONDITION when the archive holds no bank.
         """
 
 def add_ExplainServiceServicer_to_server(servicer: ExplainServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
