@@ -13,6 +13,7 @@ SUITES = (
     "visualize",
     "concepts",
     "speed",
+    "zoo_speed",
     "e2e",
     "chaos",
     "http",

@@ -43,7 +43,7 @@ from service.engine.engine import Engine
 from service.engine.registry import METHODS, MethodSpec
 from service.models.zoo import IMAGENET_MEAN, IMAGENET_STD, ZOO, eager_spec
 from service.protocol.errors import InvalidInputError
-from service.runtime.artifacts import load_bundle
+from service.runtime.artifacts import ModelBundle, load_bundle
 
 RESULTS = Path(__file__).resolve().parent / "results" / "zoo.md"
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench-zoo"
@@ -107,13 +107,13 @@ def full_archive(name: str, say: list[str]) -> Path:
     )
 
 
-def served_full(name: str, say: list[str]) -> Engine:
+def served_full(name: str, say: list[str]) -> ModelBundle:
     """The full-size model ``name`` archived (cached) and loaded as a worker loads it."""
     folder = CACHE / name
     if not (folder / "model.json").exists():
         with zipfile.ZipFile(full_archive(name, say)) as packed:
             packed.extractall(folder)
-    return load_bundle(folder).engine
+    return load_bundle(folder)
 
 
 def timed(engine: Engine, image: torch.Tensor, method: str, params: dict[str, object]) -> float:
@@ -134,7 +134,7 @@ def latency(names: list[str], repeats: int, cap: int | None) -> list[str]:
     image = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
     for name in names:
         said: list[str] = []
-        engine = served_full(name, said)
+        engine = served_full(name, said).engine
         layer = engine.cam_layer.summary("model.") if engine.cam_layer else "none"
         layers.append(f"- `{name}`: CAM layer {layer}; chunk {engine.chunk_size} rows/pass")
         for spec in methods:

@@ -46,6 +46,7 @@ def run(
     out: Path,
     sweep: bool,
     confirm: Sequence[BatchConfig] = (),
+    rounds: int = 3,
 ) -> bool:
     """Build the archive, serve it, measure it in process and end to end; write the table."""
     torch.set_num_threads(cpu_quota())
@@ -83,13 +84,14 @@ def run(
                 b: show(f"batch {b}", inprocess_load(explainer, requests, b, seconds))
                 for b in (1, 8, 16)
             }
-            del explainer
 
             with running_gateway(
                 ts.grpc_address, [MODEL], health_interval_s=1.0, **gateway_options(ts)
             ) as gateway:
                 served = Served(ts, gateway.address, base, requests, seconds, warmup)
                 sweeps = [served.default_configuration()]
+                paired = served.paired_rounds(explainer, rounds)
+                del explainer
                 # Sustained run on the default configuration: worker memory over time.
                 print(f"sustained run, {minutes:g} min", flush=True)
                 memory = sustained(ts, gateway.address, requests, minutes)
@@ -105,6 +107,7 @@ def run(
         minutes,
         (load_before, os.getloadavg()[0]),
         confirmations,
+        paired,
     )
 
 
@@ -139,6 +142,25 @@ class Served:
         took = deploy(self.ts, variant(self.base, config), config)
         return Sweep(config, took, self.loads((1, 8, 16) if config.batch_size == 1 else (8, 16)))
 
+    def paired_rounds(self, explainer: Explainer, rounds: int) -> list[tuple[Load, Load]]:
+        """In process at batch 16 and gRPC at 8 clients, back to back ``rounds`` times.
+
+        On a shared machine the load of the moment moves both figures; a pair measured
+        seconds apart shares it, so the throughput bar is the median of the pairs' ratios.
+        """
+        pairs = []
+        for index in range(rounds):
+            print(f"paired round {index + 1} of {rounds}", flush=True)
+            alone = show(
+                "in process, batch 16", inprocess_load(explainer, self.requests, 16, self.seconds)
+            )
+            served = show(
+                "gRPC, 8 clients",
+                grpc_load(self.address, self.requests, 8, self.seconds, self.warmup),
+            )
+            pairs.append((alone, served))
+        return pairs
+
     def ab_rounds(self, candidate: BatchConfig, rounds: int = 2) -> list[Sweep]:
         """The default configuration and ``candidate``, deployed in turn ``rounds`` times each.
 
@@ -161,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=1.0, help="sustained run (memory)")
     parser.add_argument("--no-sweep", action="store_true", help="default configuration only")
     parser.add_argument(
+        "--rounds", type=int, default=3, help="paired rounds: in process, then gRPC, in turn"
+    )
+    parser.add_argument(
         "--confirm",
         action="append",
         default=[],
@@ -171,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if rerun is not None:
         return rerun
     confirm = [parse_config(text) for text in args.confirm]
-    ok = run(args.seconds, args.warmup, args.minutes, args.out, not args.no_sweep, confirm)
+    ok = run(
+        args.seconds, args.warmup, args.minutes, args.out, not args.no_sweep, confirm, args.rounds
+    )
     return exit_code(ok, args)
 
 

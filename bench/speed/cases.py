@@ -48,18 +48,23 @@ class CaseResult:
 def resnet_case() -> Case:
     model = resnet18_pixels()
     model.requires_grad_(True)  # as torch hands a model over: parameters require grad
-    gen = torch.Generator().manual_seed(0)
-    coarse = torch.rand((BATCH, 3, 7, 7), generator=gen)
-    smooth = nn.functional.interpolate(coarse, size=(224, 224), mode="bilinear")
-    inputs = (0.8 * smooth + 0.2 * torch.rand((BATCH, 3, 224, 224), generator=gen)).clamp(0, 1)
     return Case(
         "resnet18",
         "ResNet-18 layout (plain torch, random weights), 3x224x224",
         model,
         (3, 224, 224),
         RESNET_LAYER,
-        inputs,
+        random_images(BATCH, 224),
     )
+
+
+def random_images(batch: int, side: int) -> torch.Tensor:
+    """``(batch, 3, side, side)`` in ``[0, 1]``: smooth blobs plus a little pixel noise
+    (image-like, so nothing is all-noise), the same on every run."""
+    gen = torch.Generator().manual_seed(0)
+    coarse = torch.rand((batch, 3, 7, 7), generator=gen)
+    smooth = nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")
+    return (0.8 * smooth + 0.2 * torch.rand((batch, 3, side, side), generator=gen)).clamp(0, 1)
 
 
 def default_case() -> Case:

@@ -55,6 +55,8 @@ class Engine:
             methods. Without it :meth:`predict_logits` uses the torch model and methods
             with the ``onnx`` backend are unsupported.
         chunk_size: rows per model pass for methods that evaluate many perturbed copies.
+        forward_chunk_size: rows per ``forward_numpy`` call of the forward-only methods
+            (chosen per model by :mod:`service.runtime.ort_choice`); default ``chunk_size``.
         precision: ``float32`` (default), or ``bfloat16`` / ``float16`` to run the torch
             methods under ``torch.autocast``: convolutions and matrix products in that
             precision, reductions and the returned maps in float32. Faster where the
@@ -73,6 +75,7 @@ class Engine:
         input_shape: tuple[int, int, int],
         forward_numpy: NumpyForward | None = None,
         chunk_size: int | None = None,
+        forward_chunk_size: int | None = None,
         precision: str = "float32",
     ) -> None:
         if precision not in PRECISIONS:
@@ -89,6 +92,7 @@ class Engine:
         self.forward_numpy = forward_numpy
         self.device, _ = device_and_dtype(model)
         self.chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+        self.forward_chunk_size = forward_chunk_size or self.chunk_size
         self.unavailable = dict(unavailable or {})  # "layer" / "attention" -> why not
         self.cam_layer = self._cam_layer(target_layer)
         self.target_layer_name = self.cam_layer.name if self.cam_layer else None
@@ -236,7 +240,8 @@ class Engine:
             generator=torch.Generator().manual_seed(seed),
             deadline=deadline,
             cancelled=cancelled,
-            chunk_size=self.chunk_size,
+            # Forward-only methods run ONNX Runtime, whose best rows per run differ.
+            chunk_size=self.forward_chunk_size if spec.forward_only else self.chunk_size,
             progress=progress,
         )
         ctx.check_deadline()

@@ -35,9 +35,10 @@ from service.engine.attention_info import AttentionInfo
 from service.engine.cam_layer import CamLayer
 from service.engine.engine import Engine
 from service.engine.modules import freeze
-from service.runtime.onnx_forward import OnnxForward
+from service.runtime.onnx_forward import OnnxForward, cpu_quota
 from service.runtime.optimize import choose_chunk_size, optimize_for_inference
 from service.runtime.optimize.precision import choose_precision
+from service.runtime.ort_choice import OrtChoice, OrtSettings, choose_for_model
 from service.runtime.wrap import Normalized
 
 META_FILE = "model.json"
@@ -115,6 +116,7 @@ class ModelBundle:
     engine: Engine
     forward: OnnxForward
     gradient_source: str  # "eager" or "pt2"
+    ort_choice: OrtChoice | None = None  # the forward's settings and their timings
 
 
 def build_eager_net(spec: dict[str, Any], model_dir: Path) -> torch.nn.Module:
@@ -186,12 +188,16 @@ def load_bundle(
     chunk_size, _ = choose_chunk_size(model, meta.input_size, repeats=2)
     # Autocast only where it measures faster here (it was 16x slower on a depthwise CNN).
     precision = choose_precision(model, (8, *meta.input_size), precision).chosen
-    providers = ["CPUExecutionProvider"]
+    # Session options and rows per run of the forward-only methods, timed on this model
+    # (CPU; a GPU keeps the defaults: its batch wants the device's own measurement).
+    ort_default = OrtSettings(intra_op_threads or cpu_quota(), chunk=chunk_size)
     if device.startswith("cuda"):
+        ort_choice = OrtChoice(ort_default)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    forward = OnnxForward(
-        model_dir / ONNX_FILE, providers=providers, intra_op_threads=intra_op_threads
-    )
+    else:
+        ort_choice = choose_for_model(model_dir / ONNX_FILE, meta.input_size, ort_default)
+        providers = ["CPUExecutionProvider"]
+    forward = ort_choice.settings.forward(model_dir / ONNX_FILE, providers)
     hookable = source == "eager"
     engine = Engine(
         model,
@@ -203,6 +209,9 @@ def load_bundle(
         input_shape=meta.input_size,
         forward_numpy=forward,
         chunk_size=chunk_size,
+        forward_chunk_size=ort_choice.settings.chunk,
         precision=precision,
     )
-    return ModelBundle(meta=meta, engine=engine, forward=forward, gradient_source=source)
+    return ModelBundle(
+        meta=meta, engine=engine, forward=forward, gradient_source=source, ort_choice=ort_choice
+    )

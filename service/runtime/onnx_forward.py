@@ -83,6 +83,14 @@ def cpu_quota(root: str | os.PathLike[str] = "/") -> int:
     return max(1, min(affinity, math.floor(limit)))
 
 
+OPTIMIZATION_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+"""``graph_optimization_level`` by the name a setting or ``SALIENCY_ORT_SETTINGS`` uses."""
+
+
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build offers it, CPU always as the fallback."""
     available = ort.get_available_providers()
@@ -104,6 +112,11 @@ class OnnxForward:
         intra_op_threads: threads of one forward on CPU; default :func:`cpu_quota`.
         max_batch: largest batch sent to the session at once; bigger inputs are split so
             device memory stays bounded whatever the caller passes.
+        optimization: ONNX Runtime's graph optimisation level, one of
+            :data:`OPTIMIZATION_LEVELS` (``"all"``: every fusion, the usual best).
+        parallel: run independent graph branches in parallel (``ORT_PARALLEL``, with
+            ``intra_op_threads`` inter-op threads) instead of one operator at a time.
+            :mod:`service.runtime.ort_choice` picks these two per model by measurement.
     """
 
     def __init__(
@@ -113,16 +126,25 @@ class OnnxForward:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
         max_batch: int = 64,
+        optimization: str = "all",
+        parallel: bool = False,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise ValueError(
+                f"optimization must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization!r}"
+            )
+        threads = intra_op_threads or cpu_quota()
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # One request's forwards are a chain of batches: parallelism belongs inside each
-        # operator (intra-op), not across graph branches.
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = intra_op_threads or cpu_quota()
-        options.inter_op_num_threads = 1
+        options.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
+        # By default one request's forwards are a chain of batches: parallelism belongs
+        # inside each operator (intra-op), not across graph branches.
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = threads if parallel else 1
         # ORT's intra-op threads spin for a while after each run, waiting for the next one.
         # In this process torch runs next (the gradient after the prediction), and on two
         # cores the spinning threads took its CPU: a default-model forward right after an
@@ -153,6 +175,11 @@ class OnnxForward:
     def num_classes(self) -> int | None:
         """Size of the logits' last axis, ``None`` if the model leaves it dynamic."""
         return self._num_classes
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The underlying session (benchmarks time IO binding on it)."""
+        return self._session
 
     @property
     def providers(self) -> list[str]:

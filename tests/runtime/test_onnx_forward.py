@@ -3,43 +3,22 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from service.runtime.onnx_forward import OnnxForward, cgroup_cpu_limit, cpu_quota
+from service.runtime.onnx_forward import (
+    OPTIMIZATION_LEVELS,
+    OnnxForward,
+    cgroup_cpu_limit,
+    cpu_quota,
+)
 
 
 def affinity() -> int:
     return len(os.sched_getaffinity(0))
-
-
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),
-        torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(16, 5),
-    ).eval()
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (torch.rand(2, 3, 16, 16),),
-            str(path),
-            input_names=["pixels"],
-            output_names=["logits"],
-            dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
-    return model, path
 
 
 def test_chunked_forward_equals_one_batch(model_path: tuple[torch.nn.Module, Path]) -> None:
@@ -54,6 +33,25 @@ def test_chunked_forward_equals_one_batch(model_path: tuple[torch.nn.Module, Pat
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(whole, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("optimization", sorted(OPTIMIZATION_LEVELS))
+@pytest.mark.parametrize("parallel", [False, True])
+def test_every_session_option_computes_the_model(
+    model_path: tuple[torch.nn.Module, Path], optimization: str, parallel: bool
+) -> None:
+    """The options ort_choice picks among change speed only: the logits stay the model's."""
+    model, path = model_path
+    x = np.random.default_rng(1).random((6, 3, 16, 16), dtype=np.float32)
+    forward = OnnxForward(path, intra_op_threads=2, optimization=optimization, parallel=parallel)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(forward(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rejects_an_unknown_optimization_level(model_path: tuple[torch.nn.Module, Path]) -> None:
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        OnnxForward(model_path[1], optimization="max")
 
 
 def test_describes_the_model(model_path: tuple[torch.nn.Module, Path]) -> None:
