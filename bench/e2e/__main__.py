@@ -9,16 +9,18 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench.e2e import MODEL, MODULE, RESULTS
+from bench.e2e.clients import ClientProcess
 from bench.e2e.load import (
     CpuProbe,
     Load,
+    Paired,
     Sweep,
     cpu_probe,
     grpc_load,
@@ -47,6 +49,8 @@ def run(
     sweep: bool,
     confirm: Sequence[BatchConfig] = (),
     rounds: int = 3,
+    settings: Mapping[str, str] | None = None,
+    serve_warmup: float = 30.0,
 ) -> bool:
     """Build the archive, serve it, measure it in process and end to end; write the table."""
     torch.set_num_threads(cpu_quota())
@@ -71,7 +75,7 @@ def run(
             Path(tmp) / "ts-run",
             # The sweep registers configurations in turn through the management API, which
             # TorchServe >= 0.11 only allows when enabled (on loopback, for this run only).
-            settings={"enable_model_api": "true"},
+            settings={"enable_model_api": "true", **(settings or {})},
             ready_timeout=300,
             split_pools=False,  # one pool: the sweep measures each configuration alone
         ) as ts:
@@ -85,16 +89,21 @@ def run(
                 for b in (1, 8, 16)
             }
 
-            with running_gateway(
-                ts.grpc_address, [MODEL], health_interval_s=1.0, **gateway_options(ts)
-            ) as gateway:
-                served = Served(ts, gateway.address, base, requests, seconds, warmup)
+            with (
+                running_gateway(
+                    ts.grpc_address, [MODEL], health_interval_s=1.0, **gateway_options(ts)
+                ) as gateway,
+                ClientProcess() as apart,
+            ):
+                served = Served(ts, gateway.address, base, requests, seconds, warmup, apart)
+                served.warm(serve_warmup)
+                setup.append(f"served path warmed up {serve_warmup:g} s at 8 clients, unmeasured")
                 sweeps = [served.default_configuration()]
                 paired = served.paired_rounds(explainer, rounds)
                 del explainer
                 # Sustained run on the default configuration: worker memory over time.
                 print(f"sustained run, {minutes:g} min", flush=True)
-                memory = sustained(ts, gateway.address, requests, minutes)
+                memory = sustained(ts, gateway.address, requests, minutes, apart)
                 sweeps += [served.configuration(config) for config in (SWEEP if sweep else ())]
                 confirmations = [served.ab_rounds(candidate) for candidate in confirm]
     return write(
@@ -108,6 +117,7 @@ def run(
         (load_before, os.getloadavg()[0]),
         confirmations,
         paired,
+        settings or {},
     )
 
 
@@ -121,16 +131,28 @@ class Served:
     requests: Sequence[pb.ExplainRequest]
     seconds: float
     warmup: float
+    apart: ClientProcess  # where the clients run, but where a measurement says otherwise
 
     def loads(self, levels: Sequence[int], probe: CpuProbe | None = None) -> dict[int, Load]:
         """Throughput and latency at each number of concurrent clients in ``levels``."""
         return {
             c: show(
                 f"{c} clients",
-                grpc_load(self.address, self.requests, c, self.seconds, self.warmup, probe),
+                grpc_load(
+                    self.address, self.requests, c, self.seconds, self.warmup, probe, self.apart
+                ),
             )
             for c in levels
         }
+
+    def warm(self, seconds: float) -> None:
+        """8 clients for ``seconds``, unmeasured: TorchServe's frontend is a JVM, whose JIT
+        compiles the request path during its first thousands of calls (its CPU per request
+        fell from 2-3 ms in the first minute to 0.7 ms in the third, bench/results/e2e.md);
+        a server runs warm, and the engine in process has no such phase to pass."""
+        print(f"warming the served path up, {seconds:g} s", flush=True)
+        load = grpc_load(self.address, self.requests, 8, seconds, 0.0, apart=self.apart)
+        show("warm-up, 8 clients", load)
 
     def default_configuration(self) -> Sweep:
         print("end to end, default configuration", flush=True)
@@ -142,11 +164,13 @@ class Served:
         took = deploy(self.ts, variant(self.base, config), config)
         return Sweep(config, took, self.loads((1, 8, 16) if config.batch_size == 1 else (8, 16)))
 
-    def paired_rounds(self, explainer: Explainer, rounds: int) -> list[tuple[Load, Load]]:
+    def paired_rounds(self, explainer: Explainer, rounds: int) -> list[Paired]:
         """In process at batch 16 and gRPC at 8 clients, back to back ``rounds`` times.
 
         On a shared machine the load of the moment moves both figures; a pair measured
         seconds apart shares it, so the throughput bar is the median of the pairs' ratios.
+        gRPC is measured twice a round: clients in their own process (the bar), and in the
+        gateway's (the way this bench measured before, for comparison).
         """
         pairs = []
         for index in range(rounds):
@@ -154,11 +178,17 @@ class Served:
             alone = show(
                 "in process, batch 16", inprocess_load(explainer, self.requests, 16, self.seconds)
             )
-            served = show(
-                "gRPC, 8 clients",
-                grpc_load(self.address, self.requests, 8, self.seconds, self.warmup),
-            )
-            pairs.append((alone, served))
+            served = [
+                show(
+                    f"gRPC, 8 clients, {label}",
+                    grpc_load(
+                        self.address, self.requests, 8, self.seconds, self.warmup, probe, apart
+                    ),
+                )
+                for label, apart in (("own process", self.apart), ("gateway's process", None))
+                for probe in [cpu_probe(self.ts)]
+            ]
+            pairs.append(Paired(alone, *served))
         return pairs
 
     def ab_rounds(self, candidate: BatchConfig, rounds: int = 2) -> list[Sweep]:
@@ -192,12 +222,34 @@ def main(argv: list[str] | None = None) -> int:
         metavar="bB-dD-wW",
         help="A/B a configuration against the default, alternating (e.g. b8-d5-w2)",
     )
+    parser.add_argument(
+        "--ts-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra config.properties entry for TorchServe (e.g. number_of_netty_threads=1)",
+    )
+    parser.add_argument(
+        "--serve-warmup",
+        type=float,
+        default=30.0,
+        help="seconds of unmeasured load on the served path before its first measurement",
+    )
     args, rerun = parse_suite_args(parser, MODULE, RESULTS, argv)
     if rerun is not None:
         return rerun
     confirm = [parse_config(text) for text in args.confirm]
+    settings = dict(text.split("=", 1) for text in args.ts_setting)
     ok = run(
-        args.seconds, args.warmup, args.minutes, args.out, not args.no_sweep, confirm, args.rounds
+        args.seconds,
+        args.warmup,
+        args.minutes,
+        args.out,
+        not args.no_sweep,
+        confirm,
+        args.rounds,
+        settings,
+        args.serve_warmup,
     )
     return exit_code(ok, args)
 

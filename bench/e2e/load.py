@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 import psutil
 
 from bench.e2e import METHOD
+from bench.e2e.clients import SPAWN_ALLOWANCE_S, ClientProcess, call_loop
 from bench.e2e.servers import worker_processes
 from service._proto.saliency.v1 import saliency_pb2 as pb
-from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
 from service.archive import BatchConfig
 from service.client import SaliencyClient
 from service.launcher import TorchServe
@@ -45,6 +44,7 @@ class Load:
     latencies: list[float] = field(default_factory=list)
     completed: int = 0  # calls that ended inside the window (throughput)
     errors: int = 0
+    apart: bool = False  # the clients ran in a process of their own (not the gateway's)
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # per component, in window
 
     @property
@@ -65,48 +65,34 @@ def grpc_load(
     seconds: float,
     warmup: float,
     probe: CpuProbe | None = None,
+    apart: ClientProcess | None = None,
 ) -> Load:
     """``clients`` threads, one channel each, calling Explain back to back.
 
     Throughput counts the calls that end inside the window ``[warmup, warmup + seconds]``;
     latencies are those of calls that start inside it. ``probe`` (CPU seconds per
-    component) is read at both ends of the window.
+    component) is read at both ends of the window. The threads run in ``apart`` when
+    given (whose CPU is then the "clients" component), else in this process, the
+    gateway's (and their CPU is counted as the gateway's).
     """
-    start = time.perf_counter()
+    start = time.monotonic() + (SPAWN_ALLOWANCE_S if apart is not None else 0.0)
     window = (start + warmup, start + warmup + seconds)
-    result = Load(clients, seconds)
-    calls: list[tuple[float, float, bool]] = []  # list.append is atomic under the GIL
-
-    def client(index: int) -> None:
-        channel = grpc.insecure_channel(address)
-        stub = pb_grpc.ExplainServiceStub(channel)
-        n = index
-        try:
-            while time.perf_counter() < window[1]:
-                request = requests[n % len(requests)]
-                n += clients
-                began = time.perf_counter()
-                try:
-                    stub.Explain(request, timeout=60)
-                    ok = True
-                except grpc.RpcError:
-                    ok = False
-                calls.append((began, time.perf_counter(), ok))
-        finally:
-            channel.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    if probe is not None:
-        time.sleep(max(0.0, window[0] - time.perf_counter()))
-        first = probe()
-        time.sleep(max(0.0, window[1] - time.perf_counter()))
-        last = probe()
-        result.cpu_seconds = {k: last[k] - first.get(k, 0.0) for k in last}
-    for thread in threads:
-        thread.join()
-    for began, ended, ok in calls:
+    result = Load(clients, seconds, apart=apart is not None)
+    with ThreadPoolExecutor(1) as runner:
+        if apart is not None:
+            calls = runner.submit(apart.run, address, requests, clients, window)
+        else:
+            calls = runner.submit(lambda: (call_loop(address, requests, clients, window[1]), 0.0))
+        if probe is not None:
+            time.sleep(max(0.0, window[0] - time.monotonic()))
+            first = probe()
+            time.sleep(max(0.0, window[1] - time.monotonic()))
+            last = probe()
+            result.cpu_seconds = {k: last[k] - first.get(k, 0.0) for k in last}
+        made, clients_cpu = calls.result()
+    if apart is not None:
+        result.cpu_seconds["clients"] = clients_cpu
+    for began, ended, ok in made:
         if window[0] <= ended <= window[1]:
             result.completed += ok
             result.errors += not ok
@@ -137,7 +123,7 @@ def cpu_probe(ts: TorchServe) -> CpuProbe:
             tree = [root, *root.children(recursive=True)]
         frontend = [p for p in tree if p.pid not in worker_pids]
         return {
-            "clients + gateway": total([psutil.Process()]),
+            "gateway": total([psutil.Process()]),
             "TorchServe frontend": total(frontend),
             "worker": total(workers),
         }
@@ -177,6 +163,16 @@ def show(label: str, load: Load) -> Load:
         flush=True,
     )
     return load
+
+
+@dataclass
+class Paired:
+    """One paired round: in process, then gRPC with the clients apart and in the gateway's
+    process, back to back."""
+
+    alone: Load
+    apart: Load
+    shared: Load
 
 
 @dataclass

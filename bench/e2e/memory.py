@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import psutil
 
+from bench.e2e.clients import ClientProcess
 from bench.e2e.load import Load, grpc_load
 from bench.e2e.servers import worker_processes
 from service._proto.saliency.v1 import saliency_pb2 as pb
@@ -57,7 +58,11 @@ class Memory:
 
 
 def sustained(
-    ts: TorchServe, address: str, requests: Sequence[pb.ExplainRequest], minutes: float
+    ts: TorchServe,
+    address: str,
+    requests: Sequence[pb.ExplainRequest],
+    minutes: float,
+    apart: ClientProcess | None = None,
 ) -> Memory:
     """8 clients for ``minutes``; worker RSS sampled every few seconds while they run."""
     workers = worker_processes(ts)
@@ -68,7 +73,7 @@ def sustained(
 
     def drive() -> None:
         try:
-            result.append(grpc_load(address, requests, 8, seconds, 0.0))
+            result.append(grpc_load(address, requests, 8, seconds, 0.0, apart=apart))
         finally:
             done.set()
 

@@ -7,14 +7,14 @@ import datetime as dt
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
 import torch
 
 from bench.e2e import BATCHING_BAR, COMPONENTS, GROWTH_BAR_MIB, METHOD, THROUGHPUT_BAR
-from bench.e2e.load import Load, Sweep
+from bench.e2e.load import Load, Paired, Sweep
 from bench.e2e.memory import Memory
 from bench.e2e.servers import config_name
 from bench.machine import cpu_model, write_report
@@ -31,7 +31,8 @@ def write(
     minutes: float,
     load: tuple[float, float],
     confirmations: Sequence[list[Sweep]] = (),
-    paired: Sequence[tuple[Load, Load]] = (),
+    paired: Sequence[Paired] = (),
+    settings: Mapping[str, str] | None = None,
 ) -> bool:
     base = sweeps[0]
     ok = True
@@ -40,12 +41,14 @@ def write(
     # batch 8: the served batch size is a TorchServe setting, the engine's ceiling is not.
     best_inproc = max(inproc, key=lambda n: inproc[n].throughput)
     ratio = e2e_8 / inproc[best_inproc].throughput
-    pair_ratios = [served.throughput / alone.throughput for alone, served in paired]
+    pair_ratios = [p.apart.throughput / p.alone.throughput for p in paired]
+    shared_ratios = [p.shared.throughput / p.alone.throughput for p in paired]
     # CPU time per request does not depend on how much of the machine others take (a
     # throughput ratio does: more processes get a larger share of a loaded machine).
     alone_cpu = cpu_per_request(inproc[16], ("in process",))
     served_cpu = cpu_per_request(base.loads[8], COMPONENTS)
-    server_cpu = cpu_per_request(base.loads[8], COMPONENTS[1:])
+    no_client_cpu = cpu_per_request(base.loads[8], COMPONENTS[1:])
+    server_cpu = cpu_per_request(base.loads[8], COMPONENTS[2:])
     bar_ratio = statistics.median(pair_ratios) if pair_ratios else ratio
     overhead_ms = (base.loads[1].percentile(50) - inproc[1].percentile(50)) * 1e3
     reference = dataclasses.replace(base.config, batch_size=1)
@@ -75,11 +78,14 @@ def write(
         "no GPU here",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, "
         f"grpcio {grpc.__version__}",
+        "- TorchServe settings beyond the launcher's: "
+        + (", ".join(f"`{k}={v}`" for k, v in (settings or {}).items()) or "none"),
         f"- setup: {', '.join(setup)}; load average {load[0]:.2f} before, {load[1]:.2f} after "
         "(a shared machine)",
         "- in process = `Explainer.explain_batch` over `load_bundle` of the same archive's "
         "files, one batch after another; e2e = N client threads (a channel each) calling "
-        "`Explain` back to back on the gateway; only calls inside the measured window count",
+        "`Explain` back to back on the gateway, in a process of their own (unless a row "
+        "says they ran in the gateway's); only calls inside the measured window count",
         "",
         "| path | clients / batch | requests/s | p50 ms | p90 ms | errors |",
         "|---|---:|---:|---:|---:|---:|",
@@ -108,9 +114,15 @@ def write(
         f"{THROUGHPUT_BAR} | {'yes' if met_tp else 'NO'} |",
         f"| the same from the tables above (measured minutes apart; best in process: batch "
         f"{best_inproc}) | {ratio:.2f} | reported | |",
+        "| the paired rounds' ratio with the clients in the gateway's process, as this bench "
+        f"measured before ({' '.join(f'{r:.2f}' for r in shared_ratios)}) | "
+        f"{statistics.median(shared_ratios) if shared_ratios else float('nan'):.2f} | "
+        "reported | |",
         "| CPU per request, in process at batch 16 / gRPC at 8 clients (the throughput ratio "
         f"where both paths kept every core busy) | {alone_cpu / served_cpu:.2f} | "
         "reported | |",
+        "| the same without the clients (gateway, TorchServe frontend and workers: what a "
+        f"deployment runs) | {alone_cpu / no_client_cpu:.2f} | reported | |",
         "| the same without the clients and gateway (TorchServe frontend and workers only) | "
         f"{alone_cpu / server_cpu:.2f} | reported | |",
         f"| p50 overhead at 1 client (e2e p50 - in-process batch-1 p50) | {overhead_ms:.1f} ms "
@@ -145,14 +157,14 @@ def write(
         per = result.cpu_seconds.get("in process", float("nan")) / max(1, result.completed)
         cells = " | ".join(f"{per * 1e3:.1f}" if c == "worker" else "" for c in COMPONENTS)
         lines.append(f"| in process | batch {batch} | {cells} | {per * 1e3:.1f} |")
-    for clients, result in base.loads.items():
-        n = max(1, result.completed)
-        values = [result.cpu_seconds.get(c, float("nan")) / n * 1e3 for c in COMPONENTS]
-        lines.append(
-            f"| gRPC {config_name(base.config)} | {clients} clients | "
-            + " | ".join(f"{v:.1f}" for v in values)
-            + f" | {sum(values):.1f} |"
-        )
+    rows = [(f"{clients} clients", result) for clients, result in base.loads.items()]
+    rows += [(f"8 clients, paired round {i + 1}", p.apart) for i, p in enumerate(paired)]
+    rows += [
+        (f"8 clients in the gateway's process (in its column), paired round {i + 1}", p.shared)
+        for i, p in enumerate(paired)
+    ]
+    for label, result in rows:
+        lines.append(f"| gRPC {config_name(base.config)} | {label} | {cpu_cells(result)} |")
     lines += [
         "",
         "TorchServe configurations (same TorchServe, each registered in turn):",
@@ -195,6 +207,14 @@ def write(
     lines.append("")
     write_report(out, lines)
     return ok
+
+
+def cpu_cells(load: Load) -> str:
+    """Per component, then the total: milliseconds of CPU per completed request."""
+    n = max(1, load.completed)
+    values = {c: load.cpu_seconds[c] / n * 1e3 for c in COMPONENTS if c in load.cpu_seconds}
+    cells = [f"{values[c]:.1f}" if c in values else "" for c in COMPONENTS]
+    return " | ".join([*cells, f"{sum(values.values()):.1f}"])
 
 
 def cpu_per_request(load: Load, components: Sequence[str]) -> float:
