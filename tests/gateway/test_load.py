@@ -146,3 +146,31 @@ def test_bounds_are_sized_from_workers_and_batch() -> None:
     assert admission.limits == {"explain": 32, "predict": 32}
     with pytest.raises(ValueError, match="unknown kinds"):
         Admission({"stream": 1})
+
+
+def test_the_in_flight_gauge_counts_the_calls_being_served(
+    gateway: Gateway, stub: pb_grpc.ExplainServiceStub, script: Script
+) -> None:
+    def in_flight(expected: int) -> float | None:
+        """The gauge once it shows ``expected``, or after 10 s: a call's status reaches its
+        client just before the gateway's bookkeeping of it ends."""
+        deadline = time.monotonic() + 10
+        while True:
+            value = gateway.metrics.registry.get_sample_value("saliency_requests_in_flight")
+            if value == expected or time.monotonic() > deadline:
+                return value
+            time.sleep(0.01)
+
+    busy = threading.Event()
+    script.hold[MODEL] = busy
+    script.unary["request"] = lambda _: OK_EXPLAIN
+    assert in_flight(0) == 0
+    held = [stub.Explain.future(request(), timeout=60) for _ in range(2)]
+    script.waiting(2)
+    assert in_flight(2) == 2
+    with pytest.raises(grpc.RpcError):  # refused (over the bound of 2): in and out again
+        stub.Explain(request(), timeout=60)
+    assert in_flight(2) == 2
+    busy.set()
+    assert [call.result().model.name for call in held] == [MODEL, MODEL]
+    assert in_flight(0) == 0
