@@ -2,8 +2,10 @@
 
 Run ``python -m bench.fewer_forwards [--images 24]`` (``make bench`` runs it). In one
 process, for occlusion (coarse to fine against every window), RISE (stopping once the
-map's rank order holds against the fixed count of before) and Sobol (a 7 x 7 grid and 4
-designs against 8 x 8 and 32), on the same images, with the forwards counted at the model:
+map's rank order holds against the fixed count of before), Sobol (a 7 x 7 grid and 4
+designs against 8 x 8 and 32), LIME (250 samples against 1000) and KernelSHAP (250 paired
+draws against 1000 independent ones), on the same images, with the forwards counted at
+the model:
 
 * the quality bench's held-out shapes on the default model: forwards per image, seconds
   per image, pointing game, deletion AUC, and the Spearman correlation of each new map
@@ -46,15 +48,17 @@ from service.runtime.export import export_onnx
 from service.runtime.onnx_forward import OnnxForward, cpu_quota
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fewer_forwards.md"
-METHODS = ("occlusion", "rise", "sobol")
+METHODS = ("occlusion", "rise", "sobol", "lime", "kernel_shap")
 # Today's defaults before issue 13, reached through the new parameters.
 EXHAUSTIVE: Mapping[str, Mapping[str, object]] = {
     "occlusion": {"coarse": 1},
     "rise": {"n_masks": 1024, "tolerance": 0.0},
     "sobol": {"grid_size": 8, "n_designs": 32, "tolerance": 0.0},
+    "lime": {"n_samples": 1000},
+    "kernel_shap": {"n_samples": 1000, "sampling": "independent"},
 }
 # The fewer-forwards setting: every method's defaults.
-FEWER: Mapping[str, Mapping[str, object]] = {"occlusion": {}, "rise": {}, "sobol": {}}
+FEWER: Mapping[str, Mapping[str, object]] = {name: {} for name in METHODS}
 SETTINGS = ("exhaustive", "fewer forwards")
 FEWER_BAR, POINTING_BAR, DELETION_BAR = 4.0, 0.02, 0.01
 CHUNK = 32
@@ -247,7 +251,8 @@ def run(
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC; {cpu_model()}, "
         f"{cpu_quota()} usable cores, chunk {CHUNK}, seed 0 per image. Exhaustive = the "
         "defaults before issue 13 (occlusion `coarse=1`; RISE `n_masks=1024, tolerance=0`; "
-        "Sobol `grid_size=8, n_designs=32, tolerance=0`); fewer forwards = today's defaults. "
+        "Sobol `grid_size=8, n_designs=32, tolerance=0`; LIME `n_samples=1000`; KernelSHAP "
+        "`n_samples=1000, sampling=independent`); fewer forwards = today's defaults. "
         "Both settings run in this one process on the same images.",
         "",
         *quality,

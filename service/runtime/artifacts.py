@@ -38,7 +38,8 @@ from service.engine.modules import freeze
 from service.runtime.onnx_forward import OnnxForward, cpu_quota
 from service.runtime.optimize import choose_chunk_size, optimize_for_inference
 from service.runtime.optimize.precision import choose_precision
-from service.runtime.ort_choice import OrtChoice, OrtSettings, choose_for_model
+from service.runtime.ort_choice import OrtChoice, OrtSettings
+from service.runtime.ort_shared import choose_for_model
 from service.runtime.wrap import Normalized
 
 META_FILE = "model.json"

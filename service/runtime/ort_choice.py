@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +56,13 @@ class OrtSettings:
     optimization: str = "all"
     parallel: bool = False
     chunk: int = 32
+
+    def pin(self) -> str:
+        """These settings as a ``SALIENCY_ORT_SETTINGS`` value (:meth:`parse` reads it)."""
+        return (
+            f"threads={self.threads},optimization={self.optimization},"
+            f"parallel={int(self.parallel)},chunk={self.chunk}"
+        )
 
     def label(self) -> str:
         mode = "parallel" if self.parallel else "sequential"
@@ -115,9 +121,15 @@ class OrtChoice:
     chunk_times: dict[int, float] = field(default_factory=dict)
     seconds: float = 0.0
     pinned: bool = False
+    shared_from: str = ""  # the record another worker of this model wrote, when read
 
     def reason(self) -> str:
         """One line for the log: the choice and the timings it was made on."""
+        if self.shared_from:
+            return (
+                f"{self.settings.label()}, chunk {self.settings.chunk}, as measured by this "
+                f"model's first worker ({self.shared_from})"
+            )
         if self.pinned:
             return f"pinned by {ENV}: {self.settings.label()}, chunk {self.settings.chunk}"
         sessions = "; ".join(f"{k}: {v * 1e3:.2f} ms/row" for k, v in self.session_times.items())
@@ -247,13 +259,3 @@ def session_timer(path: Path, input_shape: Sequence[int]) -> Measure:
         return time.perf_counter() - start
 
     return measure
-
-
-def choose_for_model(path: Path, input_shape: Sequence[int], default: OrtSettings) -> OrtChoice:
-    """:func:`choose_ort_settings` on the CPU for the model at ``path``, pinned by
-    ``$SALIENCY_ORT_SETTINGS`` when set; logs the choice and the timings it rests on."""
-    choice = choose_ort_settings(
-        default, session_timer(path, input_shape), pinned=os.environ.get(ENV)
-    )
-    logger.info("ONNX Runtime settings for %s: %s", path.parent.name, choice.reason())
-    return choice

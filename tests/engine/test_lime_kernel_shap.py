@@ -12,7 +12,7 @@ one, while a slip in the kernel, the weights, the baseline or the draws moves th
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import cv2
@@ -27,7 +27,7 @@ from torch import nn
 
 from service.engine import perturb
 from service.engine.engine import Engine
-from service.engine.methods.kernel_shap import kernel_shap_samples
+from service.engine.methods.kernel_shap import kernel_shap_samples, paired_kernel_shap_samples
 from service.engine.methods.lime import lime_samples
 from service.engine.methods.superpixels import superpixels
 from service.engine.registry import ParamValue
@@ -131,10 +131,13 @@ def captum_attribution(
     return attribution[0, 0].numpy().astype(np.float64)
 
 
-def documented_draws(method: str, n_features: int) -> np.ndarray:
+def documented_draws(method: str, n_features: int, sampling: str = "paired") -> np.ndarray:
     """The module's convention: one seed from the request's generator, the same per image."""
     seed = perturb.seed_from(torch.Generator().manual_seed(SEED))
-    sampler = lime_samples if method == "lime" else kernel_shap_samples
+    sampler = {
+        "lime": lime_samples,
+        "kernel_shap": paired_kernel_shap_samples if sampling == "paired" else kernel_shap_samples,
+    }[method]
     return sampler(N_SAMPLES, n_features, torch.Generator().manual_seed(seed))
 
 
@@ -171,18 +174,21 @@ def test_other_channel_counts_are_segmented_on_the_lab_lightness_scale(tmp_path:
 
 
 @pytest.mark.parametrize("baseline", ["mean", "blur"])
-@pytest.mark.parametrize("method", ["lime", "kernel_shap"])
+@pytest.mark.parametrize(
+    ("method", "sampling"),
+    [("lime", ""), ("kernel_shap", "paired"), ("kernel_shap", "independent")],
+)
 def test_equals_captum_on_the_same_segments_and_draws(
-    case: tuple[Engine, OnnxForward], method: str, baseline: str
+    case: tuple[Engine, OnnxForward], method: str, sampling: str, baseline: str
 ) -> None:
     engine, forward = case
     x = smooth_images(3, seed=11)
     targets = [2, 4, 1]
-    params = {**PARAMS, "baseline": baseline}
+    params = {**PARAMS, "baseline": baseline, **({"sampling": sampling} if sampling else {})}
     ours = engine.explain(x, targets, method, params, seed=SEED).maps.numpy()
     for b, target in enumerate(targets):
         segments = superpixels(x[b].numpy(), 24, 100.0)
-        draws = documented_draws(method, int(segments.max()) + 1)
+        draws = documented_draws(method, int(segments.max()) + 1, sampling)
         theirs = captum_attribution(
             method, forward, x[b : b + 1], target, segments, draws, baseline=baseline
         )
@@ -262,9 +268,15 @@ def test_lime_draws_keep_each_superpixel_with_probability_one_half() -> None:
     assert np.abs(draws[1:].mean(axis=0) - 0.5).max() < 6 * 0.5 / np.sqrt(4000)
 
 
-def test_kernel_shap_draws_follow_the_shapley_kernel() -> None:
+@pytest.mark.parametrize("sampler", [kernel_shap_samples, paired_kernel_shap_samples])
+def test_kernel_shap_draws_follow_the_shapley_kernel(
+    sampler: Callable[[int, int, torch.Generator], np.ndarray],
+) -> None:
+    """Each row follows the kernel, paired or not (the kernel is symmetric in k <-> M - k,
+    so a complement has the same law); a paired row's count is at most sqrt(2) noisier,
+    which the 6-sigma bound absorbs."""
     n_features, rows = 10, 20_002
-    draws = kernel_shap_samples(rows, n_features, torch.Generator().manual_seed(1))
+    draws = sampler(rows, n_features, torch.Generator().manual_seed(1))
     assert draws[0].all() and not draws[1].any()
     sizes = draws[2:].sum(axis=1)
     k = np.arange(1, n_features)
@@ -290,3 +302,19 @@ def test_a_map_does_not_depend_on_its_batch_or_the_chunk_size(
     other = Engine(engine.model, input_shape=(3, SIZE, SIZE), forward_numpy=forward, chunk_size=5)
     alone = other.explain(x[1:2], [2], "lime", PARAMS, seed=4).maps[0]
     torch.testing.assert_close(alone, batch[1], rtol=0, atol=1e-5 * float(batch[1].abs().max()))
+
+
+@pytest.mark.parametrize("rows", [2, 3, 250, 251])
+def test_paired_draws_are_a_subset_then_its_complement(rows: int) -> None:
+    draws = paired_kernel_shap_samples(rows, 12, torch.Generator().manual_seed(3))
+    assert draws.shape == (rows, 12) and draws[0].all() and not draws[1].any()
+    body = draws[2:]
+    pairs = len(body) // 2
+    np.testing.assert_array_equal(body[1 : 2 * pairs : 2], ~body[0 : 2 * pairs : 2])
+    # Drawn rows are never empty or full, so neither is a complement.
+    sizes = body.sum(axis=1)
+    assert ((sizes > 0) & (sizes < 12)).all()
+    # Not the same rows as independent draws from the same seed: the pairing is real.
+    alone = kernel_shap_samples(rows, 12, torch.Generator().manual_seed(3))
+    if rows > 3:
+        assert not np.array_equal(draws, alone)

@@ -7,6 +7,7 @@ fast this machine is; what the real sessions compute is checked in test_onnx_for
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,10 @@ from service.runtime.ort_choice import (
     SESSION_ROWS,
     Measure,
     OrtSettings,
-    choose_for_model,
     choose_ort_settings,
     session_candidates,
 )
+from service.runtime.ort_shared import SHARED_FILE, choose_for_model
 from tests.runtime.tiny import tiny_classifier
 
 DEFAULT = OrtSettings(threads=2, chunk=32)
@@ -173,6 +174,41 @@ def test_choose_for_model_times_real_sessions_or_takes_the_pin(
     monkeypatch.setenv(ENV, "chunk=8,parallel=1")
     pinned = choose_for_model(path, (3, 16, 16), DEFAULT)
     assert pinned.pinned and pinned.settings == dataclasses.replace(DEFAULT, chunk=8, parallel=True)
+
+
+def test_a_models_other_workers_take_its_first_workers_choice(
+    model_path: tuple[torch.nn.Module, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One server, one answer: the first load measures and records; later loads of the same
+    model folder (another worker, a restarted one) read the record, measuring nothing; a
+    record that does not parse is measured again and replaced; the pin still wins."""
+    original = tmp_path / "model.onnx"  # a folder of its own, as TorchServe extracts one
+    shutil.copyfile(model_path[1], original)
+    monkeypatch.delenv(ENV, raising=False)
+    first = choose_for_model(original, (3, 16, 16), DEFAULT)
+    record = original.parent / SHARED_FILE
+    assert not first.shared_from and record.read_text() == first.settings.pin()
+    # A record naming settings no measurement would pick here proves it is read, not redone.
+    odd = OrtSettings(threads=1, optimization="extended", parallel=True, chunk=24)
+    record.write_text(odd.pin())
+    second = choose_for_model(original, (3, 16, 16), DEFAULT)
+    assert second.settings == odd and second.shared_from == str(record)
+    assert not second.session_times and not second.chunk_times  # nothing was timed
+    assert "first worker" in second.reason()
+    record.write_text("threads=many")
+    third = choose_for_model(original, (3, 16, 16), DEFAULT)
+    assert not third.shared_from and third.chunk_times
+    assert record.read_text() == third.settings.pin()
+    monkeypatch.setenv(ENV, "chunk=8")
+    assert choose_for_model(original, (3, 16, 16), DEFAULT).settings.chunk == 8
+
+
+def test_pin_round_trips_through_parse() -> None:
+    for settings in (
+        DEFAULT,
+        OrtSettings(threads=1, optimization="extended", parallel=True, chunk=8),
+    ):
+        assert OrtSettings.parse(settings.pin(), OrtSettings(threads=7)) == settings
 
 
 def test_each_candidate_keeps_its_least_time_over_the_rounds() -> None:
