@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service._proto.saliency.v1 import saliency_pb2_grpc as pb_grpc
@@ -18,6 +20,9 @@ from service.gateway.metrics import GatewayMetrics
 from service.gateway.upstream import TorchServeClient, predict_pool, raise_payload_error
 from service.protocol.names import METHODS
 
+# The unary replies that carry an ``error`` field (a TypeVar with constraints, so each
+# one's ``error`` and ``FromString`` are checked).
+Reply = TypeVar("Reply", pb.PredictResponse, pb.VisualizeClassResponse, pb.GetConceptsResponse)
 REQUEST_STAGES = ("decode", "forward", "mask", "score", "encode")
 
 
@@ -107,16 +112,9 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     ) -> pb.PredictResponse:
         model = self._model(request)
         start = time.perf_counter()
-        with self.admission.admit(model, "predict"):
-            raw = await self.upstream.call(
-                self._forward_only(model),
-                "predict",
-                request.SerializeToString(),
-                context.time_remaining(),
-                model=model,
-            )
-        response = pb.PredictResponse.FromString(raw)
-        raise_payload_error(response.error)
+        response = await self._unary(
+            model, "predict", "predict", request, pb.PredictResponse, context
+        )
         self._observe(model, response.timings, [], time.perf_counter() - start)
         return response
 
@@ -141,18 +139,14 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     async def VisualizeClass(
         self, request: pb.VisualizeClassRequest, context: grpc.aio.ServicerContext
     ) -> pb.VisualizeClassResponse:
-        model = self._model(request)
-        with self.admission.admit(model, "explain"):
-            raw = await self.upstream.call(
-                model,
-                "visualize",
-                request.SerializeToString(),
-                context.time_remaining(),
-                model=model,
-            )
-        response = pb.VisualizeClassResponse.FromString(raw)
-        raise_payload_error(response.error)
-        return response
+        return await self._unary(
+            self._model(request),
+            "explain",
+            "visualize",
+            request,
+            pb.VisualizeClassResponse,
+            context,
+        )
 
     async def VisualizeClassStream(
         self, request: pb.VisualizeClassRequest, context: grpc.aio.ServicerContext
@@ -174,16 +168,28 @@ class ExplainServicer(pb_grpc.ExplainServiceServicer):
     async def GetConcepts(
         self, request: pb.GetConceptsRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetConceptsResponse:
-        model = self._model(request)
-        with self.admission.admit(model, "predict"):  # stored bytes: no model work
+        # Stored bytes, no model work: the forward-only pool, admitted as a Predict.
+        return await self._unary(
+            self._model(request), "predict", "concepts", request, pb.GetConceptsResponse, context
+        )
+
+    async def _unary(
+        self,
+        model: str,
+        pool: str,
+        key: str,
+        request: Message,
+        reply: type[Reply],
+        context: grpc.aio.ServicerContext,
+    ) -> Reply:
+        """One admitted upstream call: ``pool`` is ``"explain"`` (the model's own workers)
+        or ``"predict"`` (its forward-only twin); a payload error becomes its status."""
+        target = model if pool == "explain" else self._forward_only(model)
+        with self.admission.admit(model, pool):
             raw = await self.upstream.call(
-                self._forward_only(model),
-                "concepts",
-                request.SerializeToString(),
-                context.time_remaining(),
-                model=model,
+                target, key, request.SerializeToString(), context.time_remaining(), model=model
             )
-        response = pb.GetConceptsResponse.FromString(raw)
+        response = reply.FromString(raw)
         raise_payload_error(response.error)
         return response
 
