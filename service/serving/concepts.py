@@ -20,8 +20,9 @@ from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.concepts import ConceptBank, explain_concepts, importance_cost
 from service.engine.concepts.importance import DEFAULT_DESIGNS
 from service.engine.layers import resolve_layer
+from service.engine.targets import check_target_range
 from service.protocol.cost import Cost, Item, check_budget
-from service.protocol.errors import InvalidInputError, TargetOutOfRangeError, UnsupportedMethodError
+from service.protocol.errors import InvalidInputError, UnsupportedMethodError
 from service.protocol.limits import Limits
 from service.runtime.artifacts import ModelBundle
 from service.serving import codec
@@ -135,12 +136,7 @@ class ConceptServer:
     def catalog(self, request: pb.GetConceptsRequest) -> pb.GetConceptsResponse:
         """``GetConcepts``: the bank's classes (all, or those asked), with typical crops."""
         bank = self._require_bank()
-        for target in request.classes:
-            if target >= len(self.labels):
-                raise TargetOutOfRangeError(
-                    f"class {target} is out of range: this model has {len(self.labels)} "
-                    f"classes (0 to {len(self.labels) - 1})"
-                )
+        check_target_range(request.classes, len(self.labels))
         wanted = list(dict.fromkeys(request.classes)) or sorted(bank.classes)
         classes = []
         for target in wanted:

@@ -22,10 +22,11 @@ import torch
 from service._proto.saliency.v1 import saliency_pb2 as pb
 from service.engine.ops import softmax
 from service.engine.registry import ResolvedParams
+from service.engine.targets import check_target_range
 from service.engine.types import ExplainContext
 from service.engine.visualize import VISUALIZERS, Progress, VisualizerSpec, VisualizeRun
 from service.protocol.cost import Item, check_budget
-from service.protocol.errors import InvalidInputError, TargetOutOfRangeError
+from service.protocol.errors import InvalidInputError
 from service.protocol.limits import Limits
 from service.protocol.names import VISUALIZATIONS
 from service.runtime.artifacts import ModelBundle
@@ -99,12 +100,7 @@ class Visualizer:
 
     def plan(self, request: pb.VisualizeClassRequest) -> VisualizePlan:
         """Every check that needs no model call; domain errors name what to change."""
-        labels = self.meta.labels
-        if request.target >= len(labels):
-            raise TargetOutOfRangeError(
-                f"target class {request.target} is out of range: this model has "
-                f"{len(labels)} classes (0 to {len(labels) - 1})"
-            )
+        check_target_range([request.target], len(self.meta.labels))
         spec = VISUALIZERS.get(VISUALIZATIONS.name(request.method))
         params = spec.resolve_params(dict(request.params), self.meta.input_size)
         if request.image_every > MAX_IMAGE_EVERY:
