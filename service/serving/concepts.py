@@ -102,17 +102,13 @@ class ConceptServer:
         image = torch.from_numpy(job.model_input[None]).to(self.bundle.engine.device)
         height, width = job.pixels.shape[:2]
 
-        def check() -> None:
-            if job.stopped():
-                raise job.stop_error()
-
         start = time.perf_counter()
         found = []
         for target in dict.fromkeys(work.target for work in job.work):
             attributions = explain_concepts(
                 model, layer, image, target, self._class_bank(bank, target),
                 top=job.request.concepts, seed=job.query.seed % 2**63,
-                chunk_size=self.bundle.engine.chunk_size, check=check,
+                chunk_size=self.bundle.engine.chunk_size, check=job.check_stopped,
             )  # fmt: skip
             found.append(
                 pb.TargetConcepts(

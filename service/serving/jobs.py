@@ -81,6 +81,11 @@ class Job:
             return DeadlineExceededError("deadline exceeded while the request was served")
         return CancelledError("the request was cancelled")
 
+    def check_stopped(self) -> None:
+        """Raise :meth:`stop_error` when :meth:`stopped`: the check between two steps."""
+        if self.stopped():
+            raise self.stop_error()
+
 
 @dataclass
 class Event:

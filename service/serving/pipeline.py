@@ -142,8 +142,7 @@ class Explainer:
                 continue
             start = time.perf_counter()
             try:
-                if job.stopped():
-                    raise job.stop_error()
+                job.check_stopped()
                 job.pixels = codec.decode_image(job.request.image, self.limits)
                 job.model_input = codec.to_model_input(job.pixels, height, width)
             except Exception as exc:
